@@ -1,0 +1,28 @@
+"""Training methods, created by name from the registry."""
+
+from semidiff.methods.base import (
+    Method,
+    MethodOptions,
+    NetSpec,
+    Progress,
+    create_method,
+    list_methods,
+    method_class,
+    method_options,
+    register_method,
+)
+
+# Importing a method module registers it.
+from semidiff.methods import supervised  # noqa: E402,F401
+
+__all__ = [
+    "Method",
+    "MethodOptions",
+    "NetSpec",
+    "Progress",
+    "create_method",
+    "list_methods",
+    "method_class",
+    "method_options",
+    "register_method",
+]

@@ -1,0 +1,220 @@
+"""The ``semidiff`` command: train | eval | predict | demo | data inspect | data synth | list.
+
+Every user-facing error (bad config key, missing or corrupt file, bad label values) is printed
+as one line naming the file or key, with exit code 2; a bug still shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from semidiff.errors import SemidiffError
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="dotted config overrides, e.g. train.max_steps=2000 data.labeled=7")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="semidiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run from a YAML config (or continue a run folder)")
+    p.add_argument("config", help="YAML config, or a run folder to continue")
+    _add_overrides(p)
+    p.add_argument("--resume", "--c", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
+
+    p = sub.add_parser("eval", help="evaluate a run folder or checkpoint on a split")
+    p.add_argument("target", help="run folder or .ckpt file")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the config's val_split)")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last", "final"],
+                   help="which checkpoint of a run folder (default: best on validation)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/eval_<split>_<checkpoint>)")
+    _add_overrides(p)
+
+    p = sub.add_parser("predict", help="predict label maps for an image file or a folder of images")
+    p.add_argument("checkpoint", help="a .ckpt file or a run folder (uses its best checkpoint)")
+    p.add_argument("input", help="image file (NIfTI/NRRD/MHA/PNG/TIFF/h5) or folder")
+    p.add_argument("output", help="output file (single input) or folder")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> table and figure, in minutes")
+    p.add_argument("--out", default="demo_output", help="folder for the data, runs and figure")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method")
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("inspect", help="validate a dataset folder and summarise what it holds")
+    q.add_argument("root")
+    q.add_argument("--reader", default="auto", help="acdc | h5caselist | synthetic | auto")
+    q.add_argument("--num-classes", type=int, default=None)
+    q = dsub.add_parser("synth", help="write a synthetic dataset (2D or 3D) in the h5 case-list layout")
+    q.add_argument("out")
+    q.add_argument("--dims", type=int, default=2, choices=[2, 3])
+    q.add_argument("--cases", type=int, default=24)
+    q.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("list", help="list the registered methods and networks")
+    return parser
+
+
+def _resolve_checkpoint(target: str, which: str = "best") -> Path:
+    path = Path(target)
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints"
+        for name in (which, "final", "last") if which == "best" else (which,):
+            cand = ckpt_dir / f"{name}.ckpt"
+            if cand.is_file():
+                return cand
+        raise SemidiffError(f"{path}: no {which} checkpoint in {ckpt_dir}")
+    return path
+
+
+def cmd_train(args) -> int:
+    from semidiff.config import load_config
+    from semidiff.engine.train import train
+
+    target = Path(args.config)
+    resume = args.resume
+    if target.is_dir():
+        if not (target / "config.yaml").is_file():
+            raise SemidiffError(f"{target}: not a run folder (no config.yaml)")
+        target, resume = target / "config.yaml", True
+    cfg = load_config(target, args.overrides)
+    train(cfg, resume=resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from semidiff.config import apply_overrides, config_from_dict
+    from semidiff.engine.data import build_reader, build_splits
+    from semidiff.engine.module import load_module
+    from semidiff.evaluation.evaluate import evaluate
+
+    ckpt = _resolve_checkpoint(args.target, args.checkpoint)
+    module = load_module(str(ckpt))
+    cfg = module.cfg
+    if args.overrides:
+        cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), args.overrides), "checkpoint + overrides")
+    reader = build_reader(cfg)
+    split = args.split or cfg.data.val_split or "holdout"
+    if split == "holdout" or (cfg.data.holdout_val is not None and split == cfg.data.val_split):
+        refs = build_splits(cfg, reader).val
+    else:
+        refs = reader.cases(split)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    out = Path(args.out) if args.out else run_dir / f"eval_{split}_{ckpt.stem}"
+    print(f"evaluating {ckpt} on {len(refs)} {split} cases -> {out}")
+    res = evaluate(module.method, cfg, reader, refs, out, split=split, checkpoint=f"{ckpt.stem} (step {module.checkpoint_step})",
+                   device=torch.device("cpu"))
+    print(res["table"])
+    print(f"per-case metrics: {out / 'per_case.csv'}; summary: {out / 'summary.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from semidiff.data.image_io import SUPPORTED, normalize, read_image, suffix_of, write_prediction
+    from semidiff.engine.module import load_module
+    from semidiff.evaluation.evaluate import labels_from_probs, predict_image
+
+    module = load_module(str(_resolve_checkpoint(args.checkpoint)), map_location=args.device)
+    cfg = module.cfg
+    src, dst = Path(args.input), Path(args.output)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and suffix_of(p) in SUPPORTED)
+        if not files:
+            raise SemidiffError(f"{src}: no image files ({', '.join(SUPPORTED)})")
+        pairs = [(f, dst / (f.name if suffix_of(f) not in (".jpg", ".jpeg") else f.stem + ".png")) for f in files]
+    else:
+        pairs = [(src, dst)]
+    for inp, out in pairs:
+        img = read_image(inp, cfg.data.volume_axes)
+        if img.array.shape[0] != cfg.model.in_channels:
+            raise SemidiffError(f"{inp}: image has {img.array.shape[0]} channels, the model expects {cfg.model.in_channels}")
+        spatial = img.array.ndim - 1
+        if cfg.spatial_dims == 3 and spatial != 3:
+            raise SemidiffError(f"{inp}: a 3D model needs a 3D image, got {spatial}D of shape {img.array.shape[1:]}")
+        probs = predict_image(module.method.predict, cfg, normalize(img.array, cfg.data.normalize), args.device)
+        label = labels_from_probs(cfg, probs)
+        write_prediction(label, img, out, cfg.data.volume_axes)
+        counts = {int(c): int((label == c).sum()) for c in range(cfg.model.num_classes)}
+        print(f"{inp} -> {out}  shape {label.shape}  voxels per class {counts}")
+    return 0
+
+
+def _auto_reader(root: Path) -> str:
+    if (root / "train_slices.list").is_file():
+        return "acdc"
+    if (root / "dataset.json").is_file() and (root / "cases").is_dir():
+        return "synthetic"
+    if any(root.glob("*.list")) or any(root.glob("*.txt")):
+        return "h5caselist"
+    raise SemidiffError(f"{root}: cannot tell the dataset format (no train_slices.list, dataset.json or *.list); "
+                        "pass --reader")
+
+
+def cmd_data(args) -> int:
+    from semidiff.data import create_reader
+    from semidiff.data.inspect import inspect_dataset
+    from semidiff.data.synthetic import make_synthetic_dataset
+
+    if args.data_command == "synth":
+        size = (96, 96) if args.dims == 2 else (48, 48, 48)
+        root = make_synthetic_dataset(args.out, spatial_dims=args.dims, num_cases=args.cases, size=size, seed=args.seed)
+        print(f"wrote a synthetic {args.dims}D dataset to {root}")
+        return 0
+    root = Path(args.root)
+    if not root.is_dir():
+        raise SemidiffError(f"{root}: dataset folder not found")
+    name = _auto_reader(root) if args.reader == "auto" else args.reader
+    kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    report = inspect_dataset(create_reader(name, root, **kwargs))
+    print(f"reader: {name}")
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_list(args) -> int:
+    from semidiff.methods import list_methods
+    from semidiff.nets import list_nets
+
+    print("methods:", ", ".join(list_methods()))
+    print("networks:", ", ".join(list_nets()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "eval":
+            return cmd_eval(args)
+        if args.command == "predict":
+            return cmd_predict(args)
+        if args.command == "demo":
+            from semidiff.demo import run_demo
+
+            run_demo(args.out, steps=args.steps)
+            return 0
+        if args.command == "data":
+            return cmd_data(args)
+        if args.command == "list":
+            return cmd_list(args)
+    except SemidiffError as exc:
+        print(f"semidiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semidiff: interrupted; continue with `semidiff train RUN_FOLDER`", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

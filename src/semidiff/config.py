@@ -1,0 +1,251 @@
+"""Typed configuration: YAML files validated by pydantic, with dotted command-line overrides.
+
+A run is fully described by one :class:`Config`. ``load_config("configs/acdc/supervised.yaml",
+["train.max_steps=2000", "data.labeled=7"])`` reads the YAML, applies the overrides (values parsed
+as YAML, so ``7`` is an int and ``[1,2]`` a list), and validates everything: unknown keys and
+wrong types are rejected with a :class:`~semidiff.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semidiff.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ExperimentConfig(_Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+class DataConfig(_Section):
+    """Where the data is, how it is split and how training items are made."""
+
+    reader: str = "synthetic"
+    root: str = "demo_output/synthetic2d"
+    reader_options: dict[str, Any] = Field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str | None = "val"
+    test_split: str | None = "test"
+    holdout_val: float | None = Field(
+        default=None,
+        description="Hold out this many groups (int) or this fraction of the training list for "
+        "validation, for datasets without a validation split (LA, Pancreas).",
+    )
+    labeled: float = Field(default=1.0, gt=0, description="N labeled cases/patients, or a fraction.")
+    labeled_unit: Literal["cases", "patients", "fraction"] = "cases"
+    labeled_rule: Literal["first", "random"] = "first"
+    patch_size: list[int] = Field(default_factory=lambda: [96, 96])
+    resample_factor: float = Field(default=1.0, gt=0, le=1.0)
+    normalize: Literal["none", "minmax", "zscore"] = Field(
+        default="none",
+        description="Intensity normalisation applied to raw images at predict time so they match "
+        "the training data (ACDC h5 is min-max scaled, LA h5 is z-scored).",
+    )
+    volume_axes: Literal["zyx", "xyz"] = Field(
+        default="zyx",
+        description="Axis order of 3D arrays the model was trained on: SimpleITK's (z,y,x) as in "
+        "ACDC's SSL4MIS h5, or (x,y,z) as in LA's UA-MT h5. Used to read NIfTI/NRRD at predict time.",
+    )
+    augment: bool = True
+    num_workers: int = Field(default=0, ge=0)
+    cache: bool = True
+
+    @field_validator("patch_size")
+    @classmethod
+    def _positive_patch(cls, v: list[int]) -> list[int]:
+        if not v or any(s <= 0 for s in v):
+            raise ValueError(f"every patch size must be positive, got {v}")
+        return v
+
+
+class ModelConfig(_Section):
+    net: str = "unet2d"
+    net_options: dict[str, Any] = Field(default_factory=dict)
+    in_channels: int = Field(default=1, ge=1)
+    num_classes: int = Field(default=4, ge=2)
+    class_names: list[str] | None = None
+
+
+class MethodConfig(_Section):
+    name: str = "supervised"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(default=1000, gt=0)
+    labeled_batch: int = Field(default=8, ge=1)
+    unlabeled_batch: int = Field(default=0, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    lr_schedule: Literal["poly", "cosine", "constant"] = "poly"
+    poly_power: float = Field(default=0.9, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    val_every: int = Field(default=200, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | str = 1
+    num_nodes: int = Field(default=1, ge=1)
+    deterministic: bool = False
+    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None: torch's default)")
+    progress_bar: bool = True
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, v: Any) -> Any:
+        # `train.precision=32` on the command line parses as an int; Lightning's names are text.
+        return str(v) if isinstance(v, int) else v
+
+
+class EvalConfig(_Section):
+    mode: Literal["auto", "sliding_window", "slicewise", "whole"] = "auto"
+    stride: list[int] | None = None
+    sw_batch_size: int = Field(default=4, ge=1)
+    empty_rule: Literal["strict", "literature"] = "strict"
+    units: Literal["voxels", "mm"] = "voxels"
+    largest_component: bool = False
+    overlay_cases: int = Field(default=3, ge=0)
+
+
+class Config(_Section):
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.eval.stride is not None and len(self.eval.stride) != len(self.data.patch_size):
+            raise ValueError(
+                f"eval.stride {self.eval.stride} and data.patch_size {self.data.patch_size} "
+                "must have the same length"
+            )
+        if self.model.class_names is not None and len(self.model.class_names) != self.model.num_classes:
+            raise ValueError(
+                f"model.class_names has {len(self.model.class_names)} names for "
+                f"{self.model.num_classes} classes"
+            )
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.data.patch_size)
+
+    def run_dir(self) -> Path:
+        return Path(self.experiment.output_dir) / self.experiment.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` so configs can point at data without editing."""
+
+    def sub(m: re.Match[str]) -> str:
+        value = os.environ.get(m.group(1))
+        if value:
+            return value
+        if m.group(2) is not None:
+            return m.group(2)
+        raise ConfigError(f"environment variable {m.group(1)} is not set (used as ${{{m.group(1)}}} in a config)")
+
+    return _ENV.sub(sub, text)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw config tree (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.subkey=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw tree, including the method's own options section."""
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    # The method's options are typed by the method itself (registry), so check them here too.
+    from semidiff.methods import method_options
+
+    method_options(cfg.method.name, cfg.method.options)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(expand_env(path.read_text()))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded
+    apply_overrides(tree, [expand_env(o) for o in overrides or []])
+    return config_from_dict(tree, source)

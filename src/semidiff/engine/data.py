@@ -1,0 +1,188 @@
+"""From config to batches: reader -> labeled/unlabeled split -> cached items -> transforms -> two-stream batches.
+
+A method never sees files; it receives ``{"labeled": {"image", "label"}, "unlabeled": {"image"} | None}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from semidiff.config import Config
+from semidiff.data import TwoStreamBatchSampler, create_reader, holdout, select_labeled, train_transforms
+from semidiff.data.record import Case, CaseRef
+from semidiff.data.transforms import resample_volume
+from semidiff.errors import ConfigError
+
+
+@dataclass
+class Splits:
+    """The case lists a run uses, fixed before training and saved in the run folder."""
+
+    labeled: list[CaseRef]
+    unlabeled: list[CaseRef]
+    val: list[CaseRef]
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "labeled": [r.case_id for r in self.labeled],
+            "unlabeled_count": len(self.unlabeled),
+            "val": [r.case_id for r in self.val],
+        }
+
+
+def build_reader(cfg: Config):
+    return create_reader(cfg.data.reader, cfg.data.root, **cfg.data.reader_options)
+
+
+def build_splits(cfg: Config, reader) -> Splits:
+    """Apply the labeled-subset rule and the validation choice of the config."""
+    train_refs = reader.cases(cfg.data.train_split)
+    if cfg.data.holdout_val is not None:
+        n = cfg.data.holdout_val
+        train_refs, val_refs = holdout(train_refs, int(n) if n >= 1 else n, seed=cfg.experiment.seed)
+    elif cfg.data.val_split and cfg.data.val_split in reader.splits():
+        val_refs = reader.cases(cfg.data.val_split)
+    else:
+        val_refs = []
+    labeled_n: float | int = cfg.data.labeled
+    if cfg.data.labeled_unit != "fraction":
+        if labeled_n != int(labeled_n):
+            raise ConfigError(f"data.labeled: {labeled_n} must be a whole number of {cfg.data.labeled_unit}")
+        labeled_n = int(labeled_n)
+    labeled, unlabeled = select_labeled(
+        train_refs, labeled_n, unit=cfg.data.labeled_unit, rule=cfg.data.labeled_rule, seed=cfg.experiment.seed
+    )
+    return Splits(labeled=labeled, unlabeled=unlabeled, val=val_refs)
+
+
+def load_resampled(reader, ref: CaseRef, factor: float) -> Case:
+    """Load a case, resampled by ``factor`` per spatial axis when the budget asks for it."""
+    case = reader.load(ref)
+    if factor != 1.0:
+        case.image = np.stack([resample_volume(c, factor, is_label=False) for c in case.image]).astype(np.float32)
+        if case.label is not None:
+            case.label = resample_volume(case.label, factor, is_label=True).astype(case.label.dtype)
+    return case
+
+
+class TrainItems(Dataset):
+    """Labeled items first (indices < ``num_labeled``), unlabeled after; loaded once and cached."""
+
+    def __init__(self, reader, labeled: list[CaseRef], unlabeled: list[CaseRef], transform, factor: float, cache: bool):
+        self.reader = reader
+        self.refs = list(labeled) + list(unlabeled)
+        self.num_labeled = len(labeled)
+        self.transform = transform
+        self.factor = factor
+        self.cache = cache
+        self._cases: dict[int, Case] = {}
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def _case(self, index: int) -> Case:
+        if index in self._cases:
+            return self._cases[index]
+        case = load_resampled(self.reader, self.refs[index], self.factor)
+        if self.cache:
+            self._cases[index] = case
+        return case
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        # The sampler passes (index, seed): augmentation is a function of the item's place in the
+        # run, not of how many items were drawn before it (exact resume, any number of workers).
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        case = self._case(index)
+        item: dict[str, object] = {"image": case.image}
+        if index < self.num_labeled:
+            item["label"] = case.label[None]
+        if seed is not None:
+            self.transform.set_random_state(seed=seed)
+        return self.transform(item)
+
+
+def collate_two_streams(items: list[dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor] | None]:
+    labeled = [it for it in items if "label" in it]
+    unlabeled = [it for it in items if "label" not in it]
+    out: dict[str, dict[str, torch.Tensor] | None] = {
+        "labeled": {
+            "image": torch.stack([torch.as_tensor(it["image"]).float() for it in labeled]),
+            "label": torch.stack([torch.as_tensor(it["label"]).long() for it in labeled]),
+        },
+        "unlabeled": None,
+    }
+    if unlabeled:
+        out["unlabeled"] = {"image": torch.stack([torch.as_tensor(it["image"]).float() for it in unlabeled])}
+    return out
+
+
+class CaseList(Dataset):
+    """Whole validation cases, one per item (evaluation is per case, not per patch)."""
+
+    def __init__(self, reader, refs: list[CaseRef]):
+        self.reader = reader
+        self.refs = refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> Case:
+        return self.reader.load(self.refs[index])
+
+
+class SemidiffData(L.LightningDataModule):
+    """Lightning data module; the whole run is one 'epoch' of ``train.max_steps`` batches."""
+
+    def __init__(self, cfg: Config, uses_unlabeled: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.reader = build_reader(cfg)
+        self.splits = build_splits(cfg, self.reader)
+        self.uses_unlabeled = uses_unlabeled and cfg.train.unlabeled_batch > 0
+        if self.uses_unlabeled and not self.splits.unlabeled:
+            raise ConfigError(
+                f"method.name={cfg.method.name} needs unlabeled data but data.labeled={cfg.data.labeled} "
+                f"{cfg.data.labeled_unit} leaves none"
+            )
+        self.train_items = TrainItems(
+            self.reader,
+            self.splits.labeled,
+            self.splits.unlabeled if self.uses_unlabeled else [],
+            train_transforms(cfg.spatial_dims, cfg.data.patch_size, augment=cfg.data.augment),
+            cfg.data.resample_factor,
+            cfg.data.cache,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        n_lab = self.train_items.num_labeled
+        # The whole run is one pass of the sampler; a resumed run starts at its step count.
+        start = self.trainer.global_step if self.trainer else 0
+        sampler = TwoStreamBatchSampler(
+            list(range(n_lab)),
+            list(range(n_lab, len(self.train_items))),
+            self.cfg.train.labeled_batch,
+            self.cfg.train.unlabeled_batch if self.uses_unlabeled else 0,
+            num_batches=max(1, self.cfg.train.max_steps - start),
+            seed=self.cfg.experiment.seed,
+            rank=self.trainer.global_rank if self.trainer else 0,
+            world_size=self.trainer.world_size if self.trainer else 1,
+            start_batch=start,
+            with_seeds=True,
+        )
+        return DataLoader(
+            self.train_items,
+            batch_sampler=sampler,
+            collate_fn=collate_two_streams,
+            num_workers=self.cfg.data.num_workers,
+            persistent_workers=self.cfg.data.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.splits.val:
+            return []
+        return DataLoader(CaseList(self.reader, self.splits.val), batch_size=None, collate_fn=lambda c: c)

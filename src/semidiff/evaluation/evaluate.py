@@ -1,0 +1,159 @@
+"""One prediction path for validation, ``semidiff eval`` and ``semidiff predict``.
+
+Everything that decides how an image is fed to the model (training size, resampling factor,
+window size and stride, intensity preprocessing) comes from the run's own config, stored in the
+checkpoint, never from a default: the pitfall of resizing to a hard-coded size is impossible here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from semidiff.config import Config
+from semidiff.data.transforms import resample_volume
+from semidiff.evaluation.figures import overlay_panel, pick_slice
+from semidiff.evaluation.inference import keep_largest_component, predict_case
+from semidiff.evaluation.metrics import case_metrics, format_summary_table, summarize, write_metrics
+
+
+def inference_mode(cfg: Config, image_spatial_dims: int) -> str:
+    """How to feed an image of ``image_spatial_dims`` to the model of this config."""
+    if cfg.eval.mode != "auto":
+        return cfg.eval.mode
+    if cfg.spatial_dims == 3:
+        return "sliding_window"
+    return "slicewise" if image_spatial_dims == 3 else "whole"
+
+
+def default_stride(cfg: Config) -> list[int]:
+    return cfg.eval.stride or [max(1, p // 2) for p in cfg.data.patch_size]
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.train.precision == "16-mixed" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def predict_image(predict: Callable[[torch.Tensor], torch.Tensor], cfg: Config, image: np.ndarray,
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """Class probabilities ``(num_classes, *spatial)`` on the image's own grid.
+
+    Args:
+        predict: the method's ``predict`` (images -> probabilities).
+        cfg: the run's config (training size, resampling, window, stride).
+        image: ``(C, *spatial)`` float32, already intensity-normalised like the training data.
+    """
+    device = torch.device(device)
+    factor = cfg.data.resample_factor
+    x = image
+    if factor != 1.0:
+        x = np.stack([resample_volume(c, factor, is_label=False) for c in image]).astype(np.float32)
+    mode = inference_mode(cfg, x.ndim - 1)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        with autocast_for(cfg, device):
+            return predict(t.to(device)).float()
+
+    probs = predict_case(
+        fn, x, mode, cfg.model.num_classes,
+        patch_size=cfg.data.patch_size, stride=default_stride(cfg),
+        train_size=cfg.data.patch_size, device=device,
+    )
+    probs = np.asarray(probs, dtype=np.float32)
+    if factor != 1.0 and tuple(probs.shape[1:]) != tuple(image.shape[1:]):
+        # Metrics are computed on the original grid (protocols.md, LA-reduced).
+        t = torch.from_numpy(probs)[None]
+        mode_i = "trilinear" if t.ndim == 5 else "bilinear"
+        probs = F.interpolate(t, size=tuple(image.shape[1:]), mode=mode_i, align_corners=False)[0].numpy()
+    return probs
+
+
+def labels_from_probs(cfg: Config, probs: np.ndarray) -> np.ndarray:
+    label = probs.argmax(0).astype(np.uint8)
+    if cfg.eval.largest_component:
+        label = keep_largest_component(label)
+    return label
+
+
+def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int) -> dict[str, object]:
+    """What every reported number must state (protocols.md)."""
+    import semidiff
+
+    return {
+        "dataset": f"{cfg.data.reader}:{cfg.data.root}",
+        "split": split,
+        "cases": n_cases,
+        "labeled": f"{cfg.data.labeled:g} {cfg.data.labeled_unit} ({cfg.data.labeled_rule})",
+        "method": cfg.method.name,
+        "network": cfg.model.net,
+        "budget": f"{cfg.train.max_steps} steps, batch {cfg.train.labeled_batch}+{cfg.train.unlabeled_batch}, "
+                  f"patch {cfg.data.patch_size}, resample {cfg.data.resample_factor:g}",
+        "checkpoint": checkpoint,
+        "inference": f"{inference_mode(cfg, cfg.spatial_dims)}"
+                     + (f", stride {default_stride(cfg)}" if cfg.spatial_dims == 3 else f", resized to {cfg.data.patch_size}"),
+        "post_processing": "largest connected component" if cfg.eval.largest_component else "none",
+        "units": cfg.eval.units,
+        "empty_rule": cfg.eval.empty_rule,
+        "seed": cfg.experiment.seed,
+        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+        "semidiff": semidiff.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+@torch.no_grad()
+def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str, checkpoint: str,
+             device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict:
+    """Predict every case of ``refs``, compute metrics, write CSV/JSON/figure; return the summary."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    method.eval()
+    records, panel_rows = [], []
+    start = time.perf_counter()
+    for i, ref in enumerate(refs):
+        case = reader.load(ref)
+        t0 = time.perf_counter()
+        probs = predict_image(method.predict, cfg, case.image, device)
+        pred = labels_from_probs(cfg, probs)
+        spacing = case.spacing if cfg.eval.units == "mm" else None
+        if cfg.eval.units == "mm" and spacing is None:
+            from semidiff.errors import ConfigError
+
+            raise ConfigError(f"eval.units=mm but {case.source} stores no spacing; use eval.units=voxels")
+        metrics = case_metrics(pred, case.label, cfg.model.num_classes, spacing=spacing, empty_rule=cfg.eval.empty_rule)
+        records.append({"case_id": case.case_id, "metrics": metrics, "seconds": time.perf_counter() - t0})
+        if i < cfg.eval.overlay_cases:
+            img = case.image[0]
+            if img.ndim == 3:
+                s = pick_slice(case.label)
+                panel_rows.append((case.case_id, img[s], case.label[s], pred[s]))
+            else:
+                panel_rows.append((case.case_id, img, case.label, pred))
+        log(f"  [{i + 1}/{len(refs)}] {case.case_id}: mean Dice "
+            f"{np.mean([m['dice'] for m in metrics.values()]):.4f}")
+    summary = summarize(records, cfg.model.class_names)
+    protocol = protocol_header(cfg, split, checkpoint, len(refs))
+    protocol["inference_seconds_per_case"] = round((time.perf_counter() - start) / max(1, len(refs)), 3)
+    write_metrics(records, summary, out_dir, protocol)
+    if panel_rows:
+        overlay_panel(panel_rows, out_dir / "overlays.png", class_names=cfg.model.class_names,
+                      title=f"{cfg.method.name} ({checkpoint} checkpoint), {split}")
+    table = format_summary_table(summary)
+    (out_dir / "summary.md").write_text(
+        "\n".join(f"- {k}: {v}" for k, v in protocol.items()) + "\n\n" + table + "\n"
+    )
+    with open(out_dir / "protocol.json", "w") as f:
+        json.dump(protocol, f, indent=2)
+    return {"summary": summary, "protocol": protocol, "table": table}

@@ -1,0 +1,47 @@
+"""Losses shared by every method, written once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def soft_dice_loss(probs: Tensor, target_onehot: Tensor, mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """Mean over classes of 1 - soft Dice, computed over the whole batch (the SSL4MIS convention).
+
+    Args:
+        probs: (B, C, *spatial) probabilities.
+        target_onehot: (B, C, *spatial) one-hot (or soft) targets.
+        mask: optional (B, 1, *spatial) weights; ignored voxels weigh 0.
+    """
+    if mask is not None:
+        probs = probs * mask
+        target_onehot = target_onehot * mask
+    dims = [0] + list(range(2, probs.ndim))
+    inter = (probs * target_onehot).sum(dims)
+    denom = probs.pow(2).sum(dims) + target_onehot.pow(2).sum(dims)
+    return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
+
+
+def seg_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``0.5 * CE + 0.5 * Dice(softmax)``, the supervised loss of methods.md.
+
+    Args:
+        logits: (B, C, *spatial).
+        target: (B, 1, *spatial) or (B, *spatial) integer class map.
+        mask: optional (B, 1, *spatial) per-voxel weights (e.g. a pseudo-label confidence mask).
+    """
+    if target.ndim == logits.ndim:
+        target = target[:, 0]
+    target = target.long()
+    logits = logits.float()  # losses in fp32 even under autocast
+    ce_map = F.cross_entropy(logits, target, reduction="none")
+    if mask is None:
+        ce = ce_map.mean()
+    else:
+        w = mask[:, 0].float()
+        ce = (ce_map * w).sum() / w.sum().clamp_min(1.0)
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+    dice = soft_dice_loss(torch.softmax(logits, dim=1), onehot, None if mask is None else mask.float())
+    return 0.5 * ce + 0.5 * dice

@@ -1,0 +1,218 @@
+"""Tests of the segmentation networks and their registry (tiny inputs, CPU, a few seconds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import semidiff.nets as nets
+from semidiff.errors import ConfigError
+from semidiff.nets import create_net, list_nets, register_net
+from semidiff.nets.blocks import crop_to, pad_to_multiple
+
+# Small widths keep the tests fast; the structure (levels, blocks) is the full one.
+SMALL: dict[str, dict[str, Any]] = {
+    "vnet": {"n_filters": 4},
+    "unet2d": {"features": (4, 8, 8, 16, 16)},
+    "unet3d": {"features": (4, 8, 8, 16, 16)},
+}
+DROPOUT_ON: dict[str, dict[str, Any]] = {
+    "vnet": {"has_dropout": True},
+    "unet2d": {},  # dropout is on by default, as in SSL4MIS
+    "unet3d": {"dropout": 0.3},
+}
+ODD_SHAPES: dict[str, tuple[int, ...]] = {
+    "vnet": (20, 18, 12),
+    "unet2d": (30, 42),
+    "unet3d": (17, 20, 9),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_every_expected_net_is_registered() -> None:
+    assert {"vnet", "unet2d", "unet3d"} <= set(list_nets())
+    assert list_nets() == sorted(list_nets())
+
+
+@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+def test_shapes_features_and_attributes(name: str) -> None:
+    net = create_net(name, 1, 3, **SMALL[name])
+    spatial = ODD_SHAPES[name]
+    assert net.spatial_dims == len(spatial)
+    x = torch.randn(2, 1, *spatial)
+    logits = net(x)
+    assert logits.shape == (2, 3, *spatial)
+    logits2, feats = net(x, return_features=True)
+    assert logits2.shape == logits.shape
+    assert feats.shape == (2, net.feature_channels, *spatial)
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+def test_features_are_the_classifier_input(name: str) -> None:
+    net = create_net(name, 1, 2, **SMALL[name]).eval()
+    x = torch.randn(1, 1, *(16,) * len(ODD_SHAPES[name]))
+    with torch.no_grad():
+        logits, feats = net(x, return_features=True)
+        torch.testing.assert_close(net.classifier(feats), logits)
+
+
+@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+def test_gradients_reach_every_parameter(name: str) -> None:
+    net = create_net(name, 2, 2, **SMALL[name])
+    x = torch.randn(2, 2, *(16,) * len(ODD_SHAPES[name]))
+    logits, feats = net(x, return_features=True)
+    (logits.square().mean() + feats.mean()).backward()
+    for pname, p in net.named_parameters():
+        assert p.grad is not None, f"{name}: no gradient for {pname}"
+        assert torch.isfinite(p.grad).all(), pname
+        # Biases right before a BatchNorm have an (almost) zero gradient by construction.
+        if p.ndim > 1:
+            assert p.grad.abs().sum() > 0, f"{name}: zero gradient for {pname}"
+
+
+@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+def test_dropout_is_stochastic_in_train_and_off_in_eval(name: str) -> None:
+    net = create_net(name, 1, 2, **SMALL[name], **DROPOUT_ON[name])
+    x = torch.randn(2, 1, *(16,) * len(ODD_SHAPES[name]))
+    net.train()
+    with torch.no_grad():
+        assert not torch.allclose(net(x), net(x))
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
+
+
+def test_dropout_can_be_turned_off() -> None:
+    vnet = create_net("vnet", 1, 2, n_filters=4)
+    unet = create_net("unet2d", 1, 2, features=(4, 8, 8, 16, 16), dropout=0.0)
+    for net, x in ((vnet, torch.randn(2, 1, 16, 16, 16)), (unet, torch.randn(2, 1, 16, 16))):
+        assert not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules())
+        net.train()
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), net(x))
+
+
+def test_vnet_default_size_and_reduced_la_patch() -> None:
+    net = create_net("vnet", 1, 2)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"V-Net 16 parameters (1 -> 2 channels): {n_params}")
+    assert abs(n_params - 9.44e6) / 9.44e6 < 0.10
+    assert net.feature_channels == 16
+    net.eval()
+    with torch.no_grad():
+        logits, feats = net(torch.randn(1, 1, 56, 56, 40), return_features=True)
+    assert logits.shape == (1, 2, 56, 56, 40)
+    assert feats.shape == (1, 16, 56, 56, 40)
+
+
+def test_vnet_structure_matches_literature() -> None:
+    net = create_net("vnet", 1, 2)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == (3, 3, 3)]
+    # 1+2+3+3+3 encoder layers and 3+3+2+1 decoder layers.
+    assert len(convs) == 21
+    downs = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.stride == (2, 2, 2)]
+    ups = [m for m in net.modules() if isinstance(m, nn.ConvTranspose3d)]
+    assert [m.out_channels for m in downs] == [32, 64, 128, 256]
+    assert [m.out_channels for m in ups] == [128, 64, 32, 16]
+
+
+@pytest.mark.parametrize("norm", ["instancenorm", "groupnorm", "none"])
+def test_vnet_normalizations(norm: str) -> None:
+    net = create_net("vnet", 1, 2, n_filters=4, normalization=norm)
+    # 32 so the bottleneck keeps more than one voxel (instance norm needs that in training).
+    assert net(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_unet2d_transposed_conv_variant() -> None:
+    net = create_net("unet2d", 1, 2, features=(4, 8, 8, 16, 16), bilinear=False)
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in net.modules())
+    assert net(torch.randn(1, 1, 20, 24)).shape == (1, 2, 20, 24)
+
+
+def test_transform_skips_hook_is_used() -> None:
+    class ZeroBottleneck(nets.UNet2D):
+        calls = 0
+
+        def transform_skips(self, skips: list[torch.Tensor]) -> list[torch.Tensor]:
+            type(self).calls += 1
+            assert len(skips) == 5
+            assert skips[0].shape[-2:] == (32, 32) and skips[-1].shape[-2:] == (2, 2)
+            return [*skips[:-1], torch.zeros_like(skips[-1])]
+
+    torch.manual_seed(0)
+    base = nets.UNet2D(1, 2, features=(4, 8, 8, 16, 16), dropout=0.0).eval()
+    torch.manual_seed(0)
+    hooked = ZeroBottleneck(1, 2, features=(4, 8, 8, 16, 16), dropout=0.0).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(base(x), hooked(x))
+    assert ZeroBottleneck.calls == 1
+
+
+def test_unknown_name_is_a_config_error_listing_known_nets() -> None:
+    with pytest.raises(ConfigError, match="'vnett'") as info:
+        create_net("vnett", 1, 2)
+    assert "vnet" in str(info.value).split("known")[1]
+
+
+def test_unknown_option_is_a_config_error_naming_option_and_net() -> None:
+    with pytest.raises(ConfigError, match="'n_filterz'") as info:
+        create_net("vnet", 1, 2, n_filterz=8)
+    assert "'vnet'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "bad"),
+    [
+        ("vnet", {"normalization": "layernorm"}, "layernorm"),
+        ("unet2d", {"features": (4, 8)}, "features"),
+        ("unet3d", {"normalization": "foo"}, "foo"),
+    ],
+)
+def test_bad_option_values_are_config_errors(name: str, kwargs: dict[str, Any], bad: str) -> None:
+    with pytest.raises(ConfigError, match=bad):
+        create_net(name, 1, 2, **kwargs)
+
+
+def test_bad_channel_counts_and_inputs() -> None:
+    with pytest.raises(ConfigError, match="in_channels"):
+        create_net("vnet", 0, 2)
+    net = create_net("unet2d", 1, 2, features=(4, 8, 8, 16, 16))
+    with pytest.raises(ValueError, match="expects input"):
+        net(torch.randn(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="expects input"):
+        net(torch.randn(1, 1, 16, 16, 16))
+
+
+def test_register_net_adds_a_factory_and_rejects_clashes() -> None:
+    from semidiff.nets import registry
+
+    @register_net("_tiny_test_net")
+    def tiny(in_channels: int, out_channels: int, *, width: int = 2) -> nn.Module:
+        return nn.Conv2d(in_channels, out_channels, width)
+
+    try:
+        assert "_tiny_test_net" in list_nets()
+        assert create_net("_tiny_test_net", 1, 2, width=3).kernel_size == (3, 3)
+        with pytest.raises(ConfigError, match="'depth'"):
+            create_net("_tiny_test_net", 1, 2, depth=3)
+        with pytest.raises(ValueError, match="already registered"):
+            register_net("_tiny_test_net")(lambda i, o: nn.Identity())
+    finally:
+        registry._REGISTRY.pop("_tiny_test_net", None)
+
+
+def test_pad_and_crop_round_trip() -> None:
+    x = torch.randn(1, 2, 5, 17, 32)
+    padded = pad_to_multiple(x, 16)
+    assert padded.shape == (1, 2, 16, 32, 32)
+    assert torch.equal(crop_to(padded, x.shape[2:]), x)
+    assert pad_to_multiple(padded, 16) is padded
