@@ -6,13 +6,12 @@ import math
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from semidiff.config import Config, config_from_dict
 from semidiff.errors import SemidiffError
-from semidiff.evaluation.evaluate import labels_from_probs, predict_image
-from semidiff.evaluation.figures import overlay_figure_tensor, pick_slice
+from semidiff.evaluation.evaluate import labels_from_probs, overlay_row, predict_image
+from semidiff.evaluation.figures import overlay_figure_tensor
 from semidiff.evaluation.metrics import case_metrics, summarize
 from semidiff.methods import NetSpec, Progress, create_method
 
@@ -94,12 +93,7 @@ class SemidiffModule(L.LightningModule):
         metrics = case_metrics(pred, case.label, self.cfg.model.num_classes, empty_rule=self.cfg.eval.empty_rule)
         self._val_records.append({"case_id": case.case_id, "metrics": metrics})
         if batch_idx < self.cfg.eval.overlay_cases:
-            img = case.image[0]
-            if img.ndim == 3:
-                s = pick_slice(case.label)
-                self._val_images.append((case.case_id, img[s], case.label[s], pred[s]))
-            else:
-                self._val_images.append((case.case_id, img, case.label, pred))
+            self._val_images.append(overlay_row(case, pred))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_records:
@@ -137,5 +131,3 @@ def load_module(checkpoint: str, map_location: str | torch.device = "cpu") -> Se
     module.checkpoint_step = int(ckpt.get("global_step", -1))
     return module
 
-
-__all__ = ["SemidiffModule", "build_method", "load_module", "lr_factor", "np"]

@@ -87,6 +87,15 @@ def labels_from_probs(cfg: Config, probs: np.ndarray) -> np.ndarray:
     return label
 
 
+def overlay_row(case, pred: np.ndarray) -> tuple:
+    """(case id, image, truth, prediction) in 2D: volumes show their slice with most foreground."""
+    img = case.image[0]
+    if img.ndim == 3:
+        s = pick_slice(case.label)
+        return case.case_id, img[s], case.label[s], pred[s]
+    return case.case_id, img, case.label, pred
+
+
 def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int) -> dict[str, object]:
     """What every reported number must state (protocols.md)."""
     import semidiff
@@ -135,12 +144,7 @@ def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str,
         metrics = case_metrics(pred, case.label, cfg.model.num_classes, spacing=spacing, empty_rule=cfg.eval.empty_rule)
         records.append({"case_id": case.case_id, "metrics": metrics, "seconds": time.perf_counter() - t0})
         if i < cfg.eval.overlay_cases:
-            img = case.image[0]
-            if img.ndim == 3:
-                s = pick_slice(case.label)
-                panel_rows.append((case.case_id, img[s], case.label[s], pred[s]))
-            else:
-                panel_rows.append((case.case_id, img, case.label, pred))
+            panel_rows.append(overlay_row(case, pred))
         log(f"  [{i + 1}/{len(refs)}] {case.case_id}: mean Dice "
             f"{np.mean([m['dice'] for m in metrics.values()]):.4f}")
     summary = summarize(records, cfg.model.class_names)

@@ -1,0 +1,306 @@
+"""Pieces shared by the semi-supervised baselines, written once.
+
+Ramp-ups, the EMA teacher, hard pseudo-labels, input noise, softmax consistency and the
+copy-paste mixing of BCP. Everything works on tensors of any spatial rank (2D and 3D alike) and
+draws randomness from torch's global RNG only, which the engine seeds from (seed, step): a resumed
+run replays the exact same noise, masks and block positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from scipy import ndimage
+from torch import Tensor, nn
+
+from semidiff.errors import ConfigError
+from semidiff.methods.base import Method, MethodOptions, NetSpec, Progress
+from semidiff.nets import create_net
+
+__all__ = [
+    "RampOptions",
+    "TeacherOptions",
+    "TeacherStudentMethod",
+    "block_mask",
+    "build_net",
+    "ema_update",
+    "input_noise",
+    "largest_component",
+    "make_ema_copy",
+    "mix",
+    "pseudo_label",
+    "require_unlabeled",
+    "sigmoid_rampup",
+    "softmax_mse",
+    "softmax_probs",
+]
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+def sigmoid_rampup(step: int | float, ramp_steps: int | float) -> float:
+    """The sigmoid ramp-up of methods.md: ``r(t) = exp(-5 (1 - min(t, T_r) / T_r)^2)``.
+
+    Args:
+        step: Current step ``t`` (negative values count as 0).
+        ramp_steps: Ramp length ``T_r``; 0 (no ramp) gives 1.0 at every step.
+
+    Returns:
+        A weight in ``(0, 1]``: ``exp(-5)`` at step 0, 1.0 from ``ramp_steps`` on.
+    """
+    if ramp_steps <= 0:
+        return 1.0
+    phase = 1.0 - min(max(float(step), 0.0), float(ramp_steps)) / float(ramp_steps)
+    return float(math.exp(-5.0 * phase * phase))
+
+
+class RampOptions(MethodOptions):
+    """Options of a loss weight ramped up by :func:`sigmoid_rampup`.
+
+    Attributes:
+        rampup_fraction: Ramp length as a fraction of ``train.max_steps`` (used when
+            ``rampup_steps`` is None). 0.4 follows methods.md ("about 40% of training"); the
+            SSL4MIS/UA-MT code ramps over the whole run (``iter // 150`` against 200 or 40
+            "epochs"), i.e. ``rampup_fraction: 1.0``.
+        rampup_steps: Ramp length in steps; overrides ``rampup_fraction`` when set.
+    """
+
+    rampup_fraction: float = Field(default=0.4, ge=0.0, le=1.0)
+    rampup_steps: int | None = Field(default=None, ge=0)
+
+    def ramp(self, progress: Progress) -> float:
+        """``r(step)`` for this option set's ramp length."""
+        if self.rampup_steps is not None:
+            length = self.rampup_steps
+        else:
+            length = round(self.rampup_fraction * progress.max_steps)
+        return sigmoid_rampup(progress.step, length)
+
+
+# ---- networks and the EMA teacher ---------------------------------------------------------------
+def build_net(spec: NetSpec) -> nn.Module:
+    """The network described by ``spec`` (the ``model`` config section)."""
+    return create_net(spec.name, spec.in_channels, spec.num_classes, **spec.options)
+
+
+def make_ema_copy(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net`` whose parameters do not require gradients (an EMA teacher).
+
+    The engine's optimiser only takes parameters that require grad, so the copy is never stepped.
+    """
+    teacher = copy.deepcopy(net)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> float:
+    """Move the teacher towards the student: ``theta_t <- alpha theta_t + (1 - alpha) theta_s``.
+
+    ``alpha = min(1 - 1 / (step + 1), decay)``: the warm-up of Tarvainen & Valpola's reference code
+    keeps the teacher close to the (fast-changing) early student, so at ``step = 0`` the teacher
+    becomes a copy of the student and from ``step = 1 / (1 - decay) - 1`` on ``alpha = decay``.
+    Buffers (BatchNorm running statistics, counters) are copied from the student, so whatever the
+    teacher's own train-mode forward passes did to its running statistics is discarded.
+
+    Args:
+        teacher: The EMA copy (same architecture as ``student``).
+        student: The network trained by gradient.
+        decay: The EMA decay (0.99 in the baselines).
+        step: Optimiser steps taken so far. The engine passes its global step after the
+            optimiser step (1 after the first step), as the reference code does.
+
+    Returns:
+        The ``alpha`` that was used.
+    """
+    alpha = min(1.0 - 1.0 / (step + 1), decay)
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        t.copy_(s)
+    return alpha
+
+
+@torch.no_grad()
+def copy_weights(target: nn.Module, source: nn.Module) -> None:
+    """Overwrite ``target``'s parameters and buffers with ``source``'s (same architecture)."""
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+        t.copy_(s)
+    for t, s in zip(target.buffers(), source.buffers(), strict=True):
+        t.copy_(s)
+
+
+def softmax_probs(net: nn.Module, image: Tensor) -> Tensor:
+    """``softmax(net(image))`` over the class axis, in fp32 (also under autocast)."""
+    return torch.softmax(net(image).float(), dim=1)
+
+
+class TeacherOptions(MethodOptions):
+    """Options of a method with an EMA teacher.
+
+    Attributes:
+        ema_decay: The EMA decay (0.99 in Mean Teacher, UA-MT and BCP).
+        eval_model: The network :meth:`Method.predict` uses. ``"student"`` by default: the
+            SSL4MIS Mean Teacher / UA-MT scripts and the BCP code all test the student.
+    """
+
+    ema_decay: float = Field(default=0.99, ge=0.0, le=1.0)
+    eval_model: Literal["student", "teacher"] = "student"
+
+
+class TeacherStudentMethod(Method):
+    """A student trained by gradient plus an EMA teacher (Mean Teacher, UA-MT, BCP).
+
+    The teacher runs in whatever mode the method is in: in train mode during training (dropout
+    active, BatchNorm on batch statistics), as the teachers of the SSL4MIS, UA-MT and BCP code do.
+    """
+
+    uses_unlabeled = True
+    options: TeacherOptions
+
+    def __init__(self, net: NetSpec, options: MethodOptions) -> None:
+        super().__init__(net, options)
+        self.student = build_net(net)
+        self.teacher = make_ema_copy(self.student)
+
+    def on_step_end(self, progress: Progress) -> None:
+        ema_update(self.teacher, self.student, self.options.ema_decay, progress.step)
+
+    @torch.no_grad()
+    def predict(self, image: Tensor) -> Tensor:
+        """Softmax of the student (or of the teacher with ``eval_model: teacher``)."""
+        net = self.teacher if self.options.eval_model == "teacher" else self.student
+        return softmax_probs(net, image)
+
+
+# ---- unlabeled-data helpers ---------------------------------------------------------------------
+def require_unlabeled(unlabeled: dict[str, Tensor] | None, method: str) -> Tensor:
+    """The unlabeled images, or a clear error when the batch has none.
+
+    Raises:
+        ConfigError: If ``unlabeled`` is None (``train.unlabeled_batch`` is 0).
+    """
+    if unlabeled is None or unlabeled.get("image") is None:
+        raise ConfigError(f"method {method!r} needs unlabeled images: set train.unlabeled_batch > 0")
+    return unlabeled["image"]
+
+
+def input_noise(x: Tensor, std: float, clip: float) -> Tensor:
+    """``clamp(N(0, std^2), -clip, clip)`` noise shaped like ``x`` (UA-MT / SSL4MIS: 0.1, 0.2)."""
+    if std <= 0:
+        return torch.zeros_like(x)
+    return torch.clamp(torch.randn_like(x) * std, -clip, clip)
+
+
+def softmax_mse(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+    """Per-voxel squared error between the student's softmax and the teacher's probabilities.
+
+    Args:
+        student_logits: (B, C, *spatial) logits.
+        teacher_probs: (B, C, *spatial) probabilities (no gradient is taken through them).
+
+    Returns:
+        (B, C, *spatial) squared differences; reduce as the method needs (Mean Teacher: mean).
+    """
+    return (torch.softmax(student_logits.float(), dim=1) - teacher_probs.detach().float()) ** 2
+
+
+def pseudo_label(probs: Tensor, threshold: float | None = None) -> tuple[Tensor, Tensor]:
+    """Hard pseudo-labels and a confidence mask from class probabilities.
+
+    Args:
+        probs: (B, C, *spatial) probabilities.
+        threshold: Keep voxels whose maximum probability is ``>= threshold``; None keeps all.
+
+    Returns:
+        ``(labels, mask)``: (B, 1, *spatial) int64 argmax and (B, 1, *spatial) float 0/1 mask.
+    """
+    conf, labels = probs.detach().max(dim=1, keepdim=True)
+    if threshold is None:
+        mask = torch.ones_like(conf, dtype=torch.float32)
+    else:
+        mask = (conf >= threshold).float()
+    return labels.long(), mask
+
+
+def largest_component(labels: Tensor, num_classes: int) -> Tensor:
+    """Keep, per item and foreground class, only the largest connected component.
+
+    The post-processing BCP applies to its teacher's pseudo-labels (``nms=1``): removed voxels
+    become background (class 0). Connectivity is scipy's default (faces only).
+
+    Args:
+        labels: (B, 1, *spatial) integer class map.
+        num_classes: Number of classes, background (0) included.
+
+    Returns:
+        The cleaned map, same shape, dtype and device.
+    """
+    arr = labels.detach().cpu().numpy()
+    out = np.zeros_like(arr)
+    for b in range(arr.shape[0]):
+        item = arr[b, 0]
+        for c in range(1, num_classes):
+            comps, n = ndimage.label(item == c)
+            if n == 0:
+                continue
+            sizes = np.bincount(comps.ravel())[1:]
+            out[b, 0][comps == int(np.argmax(sizes)) + 1] = c
+    return torch.from_numpy(out).to(labels.device)
+
+
+# ---- copy-paste mixing (BCP) --------------------------------------------------------------------
+def block_mask(
+    spatial_shape: tuple[int, ...] | torch.Size,
+    ratio: float = 2.0 / 3.0,
+    device: torch.device | str | None = None,
+    centered: bool = False,
+) -> Tensor:
+    """A 0/1 mask with one axis-aligned block of ones, for copy-paste mixing.
+
+    The block's side along each axis is ``int(ratio * size)`` (BCP: 2/3). Its position is uniform
+    over all positions that keep the block inside the image (BCP draws a random corner; its
+    ``randint(0, size - side)`` excludes the last position, we include it), or centred with
+    ``centered=True``. One mask is drawn per call and shared by the whole batch, as in BCP.
+
+    Args:
+        spatial_shape: The image's spatial size (2 or 3 values).
+        ratio: Block side as a fraction of each axis, in (0, 1].
+        device: Device of the mask.
+        centered: Put the block in the centre instead of at a random position.
+
+    Returns:
+        (1, 1, *spatial_shape) float mask, 1 inside the block, 0 outside.
+
+    Raises:
+        ValueError: If ``ratio`` is outside (0, 1].
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"block ratio must be in (0, 1], got {ratio!r}")
+    mask = torch.zeros((1, 1, *spatial_shape), device=device)
+    index: list[slice] = [slice(None), slice(None)]
+    for size in spatial_shape:
+        side = max(1, int(size * ratio))
+        if centered:
+            start = (size - side) // 2
+        else:
+            start = int(torch.randint(0, size - side + 1, (1,)).item())
+        index.append(slice(start, start + side))
+    mask[tuple(index)] = 1.0
+    return mask
+
+
+def mix(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """``a * mask + b * (1 - mask)`` for a binary mask, dtype-preserving (images and labels).
+
+    Args:
+        a: Values inside the mask (e.g. the pasted block's source).
+        b: Values outside the mask (the background image).
+        mask: 0/1 mask broadcastable to ``a`` (e.g. from :func:`block_mask`).
+    """
+    return torch.where(mask > 0.5, a, b)
