@@ -28,6 +28,7 @@ __all__ = [
     "TeacherStudentMethod",
     "block_mask",
     "build_net",
+    "copy_weights",
     "ema_update",
     "input_noise",
     "largest_component",
