@@ -173,7 +173,7 @@ def test_3d_run_with_resampling_and_sliding_window(tmp_path):
     rows = list(csv.DictReader(open(cfg.run_dir() / "eval_val_last" / "per_case.csv")))
     assert len(rows) == 2  # 2 validation cases x 1 foreground class
     summary = res["last"]["summary"]
-    assert "stride [8, 8, 8]" in res["last"]["protocol"]["inference"]
+    assert res["last"]["protocol"]["inference"].startswith("sliding_window, patch [24, 24, 16], stride [8, 8, 8]")
     # The prediction was brought back to the 64x64x32 grid (its Dice is computed against the
     # original label; a shape mismatch would raise).
     assert 0.0 <= summary["mean"]["dice"] <= 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -96,7 +97,7 @@ def overlay_row(case, pred: np.ndarray) -> tuple:
     return case.case_id, img, case.label, pred
 
 
-def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int) -> dict[str, object]:
+def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int, mode: str) -> dict[str, object]:
     """What every reported number must state (protocols.md)."""
     import semidiff
 
@@ -110,13 +111,14 @@ def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int) -> d
         "budget": f"{cfg.train.max_steps} steps, batch {cfg.train.labeled_batch}+{cfg.train.unlabeled_batch}, "
                   f"patch {cfg.data.patch_size}, resample {cfg.data.resample_factor:g}",
         "checkpoint": checkpoint,
-        "inference": f"{inference_mode(cfg, cfg.spatial_dims)}"
-                     + (f", stride {default_stride(cfg)}" if cfg.spatial_dims == 3 else f", resized to {cfg.data.patch_size}"),
+        "inference": mode + (f", patch {cfg.data.patch_size}, stride {default_stride(cfg)}" if mode == "sliding_window"
+                             else f", resized to {cfg.data.patch_size} and back"),
         "post_processing": "largest connected component" if cfg.eval.largest_component else "none",
         "units": cfg.eval.units,
         "empty_rule": cfg.eval.empty_rule,
         "seed": cfg.experiment.seed,
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}".strip(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+                   + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "semidiff": semidiff.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -129,10 +131,11 @@ def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     method.eval()
-    records, panel_rows = [], []
+    records, panel_rows, modes = [], [], set()
     start = time.perf_counter()
     for i, ref in enumerate(refs):
         case = reader.load(ref)
+        modes.add(inference_mode(cfg, case.image.ndim - 1))
         t0 = time.perf_counter()
         probs = predict_image(method.predict, cfg, case.image, device)
         pred = labels_from_probs(cfg, probs)
@@ -148,7 +151,7 @@ def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str,
         log(f"  [{i + 1}/{len(refs)}] {case.case_id}: mean Dice "
             f"{np.mean([m['dice'] for m in metrics.values()]):.4f}")
     summary = summarize(records, cfg.model.class_names)
-    protocol = protocol_header(cfg, split, checkpoint, len(refs))
+    protocol = protocol_header(cfg, split, checkpoint, len(refs), " + ".join(sorted(modes)) or "none")
     protocol["inference_seconds_per_case"] = round((time.perf_counter() - start) / max(1, len(refs)), 3)
     write_metrics(records, summary, out_dir, protocol)
     if panel_rows:
