@@ -26,9 +26,10 @@ def row(run: Path, which: str) -> tuple[dict, str] | None:
     wall = timing.get("wall_seconds")
     steps = timing.get("steps")
     sps = f"{wall / steps:.3f}" if wall and steps else "n/a"
+    wall_s = f"{wall:.0f}" if wall else "n/a"
     line = (f"| {run.name} | {p['labeled']} | {which} | {m['dice']:.4f} ± {sd.get('dice', 0):.4f} | {per_class} | "
             f"{m['jaccard']:.4f} | {m['hd95']:.2f} ± {sd.get('hd95', 0):.2f} | {m['asd']:.2f} | "
-            f"{wall:.0f} | {sps} |" if wall else "")
+            f"{wall_s} | {sps} |")
     return p, line
 
 

@@ -177,3 +177,18 @@ def test_3d_run_with_resampling_and_sliding_window(tmp_path):
     # The prediction was brought back to the 64x64x32 grid (its Dice is computed against the
     # original label; a shape mismatch would raise).
     assert 0.0 <= summary["mean"]["dice"] <= 1.0
+
+
+def test_resampled_prediction_returns_to_the_original_grid_in_2d_and_3d():
+    from semidiff.evaluation.evaluate import predict_image
+
+    for patch, image_shape in (([32, 32], (1, 60, 44)), ([16, 16, 8], (1, 40, 36, 20))):
+        cfg = config_from_dict({"data": {"patch_size": patch, "resample_factor": 0.5},
+                                "model": {"num_classes": 3}})
+
+        def uniform(x):
+            return torch.full((x.shape[0], 3, *x.shape[2:]), 1 / 3)
+
+        probs = predict_image(uniform, cfg, np.random.rand(*image_shape).astype(np.float32))
+        assert probs.shape == (3, *image_shape[1:])
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -64,9 +63,10 @@ def load_resampled(reader, ref: CaseRef, factor: float) -> Case:
     """Load a case, resampled by ``factor`` per spatial axis when the budget asks for it."""
     case = reader.load(ref)
     if factor != 1.0:
-        case.image = np.stack([resample_volume(c, factor, is_label=False) for c in case.image]).astype(np.float32)
+        dims = case.image.ndim - 1
+        case.image = resample_volume(case.image, factor, is_label=False, spatial_dims=dims)
         if case.label is not None:
-            case.label = resample_volume(case.label, factor, is_label=True).astype(case.label.dtype)
+            case.label = resample_volume(case.label, factor, is_label=True, spatial_dims=dims)
     return case
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -113,8 +114,6 @@ class SemidiffModule(L.LightningModule):
 
 def load_module(checkpoint: str, map_location: str | torch.device = "cpu") -> SemidiffModule:
     """Rebuild the module from a checkpoint (config included) without the training data."""
-    from pathlib import Path
-
     path = Path(checkpoint)
     if not path.is_file():
         raise SemidiffError(f"{path}: checkpoint not found")

@@ -17,10 +17,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from semidiff.config import Config
-from semidiff.data.transforms import resample_volume
+from semidiff.data.transforms import resample_to_shape, resample_volume
 from semidiff.evaluation.figures import overlay_panel, pick_slice
 from semidiff.evaluation.inference import keep_largest_component, predict_case
 from semidiff.evaluation.metrics import case_metrics, format_summary_table, summarize, write_metrics
@@ -60,7 +59,7 @@ def predict_image(predict: Callable[[torch.Tensor], torch.Tensor], cfg: Config, 
     factor = cfg.data.resample_factor
     x = image
     if factor != 1.0:
-        x = np.stack([resample_volume(c, factor, is_label=False) for c in image]).astype(np.float32)
+        x = resample_volume(image, factor, is_label=False, spatial_dims=image.ndim - 1)
     mode = inference_mode(cfg, x.ndim - 1)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
@@ -73,11 +72,9 @@ def predict_image(predict: Callable[[torch.Tensor], torch.Tensor], cfg: Config, 
         train_size=cfg.data.patch_size, device=device,
     )
     probs = np.asarray(probs, dtype=np.float32)
-    if factor != 1.0 and tuple(probs.shape[1:]) != tuple(image.shape[1:]):
+    if factor != 1.0:
         # Metrics are computed on the original grid (protocols.md, LA-reduced).
-        t = torch.from_numpy(probs)[None]
-        mode_i = "trilinear" if t.ndim == 5 else "bilinear"
-        probs = F.interpolate(t, size=tuple(image.shape[1:]), mode=mode_i, align_corners=False)[0].numpy()
+        probs = resample_to_shape(probs, image.shape[1:], is_label=False)
     return probs
 
 
