@@ -240,8 +240,8 @@ def test_missing_root_list_and_unknown_reader(tmp_path):
     with pytest.raises(DataError, match="split list file is missing") as info:
         reader.cases("train")
     assert info.value.path == str(tmp_path / "empty" / "train.list")
-    with pytest.raises(ConfigError, match="acdc.*h5caselist.*synthetic"):
-        create_reader("nnunet", tmp_path)
+    with pytest.raises(ConfigError, match="unknown dataset reader 'nnunetv3'.*acdc.*h5caselist.*nnunet.*synthetic"):
+        create_reader("nnunetv3", tmp_path)
     with pytest.raises(ConfigError, match="bad options"):
         create_reader("acdc", tmp_path, num_clases=4)
     with pytest.raises(DataError, match="dataset.json"):

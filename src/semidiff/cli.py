@@ -33,11 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split to evaluate (default: the config's val_split)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last", "final"],
                    help="which checkpoint of a run folder (default: best on validation)")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/eval_<split>_<checkpoint>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: RUN/eval_<split>_<checkpoint>[_<output>])")
+    p.add_argument("--output", default=None, metavar="NAME",
+                   help="which output of the method to evaluate, e.g. diffcl's cs | ds | mean "
+                        "(default: the method's configured one)")
     _add_overrides(p)
 
     p = sub.add_parser("predict", help="predict label maps for an image file or a folder of images")
-    p.add_argument("checkpoint", help="a .ckpt file or a run folder (uses its best checkpoint)")
+    p.add_argument("checkpoint", help="a .ckpt file, a run folder (uses its best checkpoint), or a model "
+                                      "exported by `semidiff export` (.pt TorchScript or .onnx)")
     p.add_argument("input", help="image file (NIfTI/NRRD/MHA/PNG/TIFF/h5) or folder")
     p.add_argument("output", help="output file (single input) or folder")
     p.add_argument("--device", default="cpu")
@@ -50,13 +55,37 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("inspect", help="validate a dataset folder and summarise what it holds")
     q.add_argument("root")
-    q.add_argument("--reader", default="auto", help="acdc | h5caselist | synthetic | auto")
+    q.add_argument("--reader", default="auto",
+                   help="auto | acdc | la | pancreas | brats | h5caselist | synthetic | endoscapes | mosxav | nnunet")
     q.add_argument("--num-classes", type=int, default=None)
+    q = dsub.add_parser("prepare", help="convert a raw public download to the layout its reader reads "
+                                        "(deterministic, with a sha256 manifest)")
+    q.add_argument("dataset", choices=["la", "acdc"])
+    q.add_argument("raw", help="raw download folder (LA: <case>/lgemri.nrrd + laendo.nrrd; "
+                               "ACDC: patientXXX/patientXXX_frameYY.nii.gz + _gt)")
+    q.add_argument("out", help="output folder")
+    q.add_argument("--test-list", default=None, help="file of case (LA) or patient (ACDC) ids for test.list")
+    q.add_argument("--val-list", default=None, help="ACDC: file of patient ids for val.list")
+    q.add_argument("--margin", type=int, default=15, help="LA: voxels kept around the atrium in x and y")
     q = dsub.add_parser("synth", help="write a synthetic dataset (2D or 3D) in the h5 case-list layout")
     q.add_argument("out")
     q.add_argument("--dims", type=int, default=2, choices=[2, 3])
     q.add_argument("--cases", type=int, default=24)
     q.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bench", help="run a grid of methods x labeled counts x seeds (x noise levels); "
+                                     "resumable; rebuilds the report after every cell")
+    p.add_argument("config", help="bench YAML (a top-level 'bench' section)")
+    p.add_argument("overrides", nargs="*", metavar="bench.key=value", help="override bench keys, e.g. bench.workers=2")
+    p = sub.add_parser("report", help="rebuild tables and figures from finished runs, without training")
+    p.add_argument("target", help="bench folder, run folder, or a folder of run folders")
+
+    p = sub.add_parser("export", help="export the single network of a checkpoint to TorchScript and/or ONNX "
+                                      "(verified against PyTorch; predict accepts the result)")
+    p.add_argument("checkpoint", help="a .ckpt file or a run folder (uses its best checkpoint)")
+    p.add_argument("--format", default="both", choices=["torchscript", "onnx", "both"])
+    p.add_argument("--out", default=None,
+                   help="output file (one format) or path stem (both); default RUN/export/<checkpoint>.pt|.onnx")
 
     sub.add_parser("list", help="list the registered methods and networks")
     return parser
@@ -109,10 +138,12 @@ def cmd_eval(args) -> int:
     else:
         refs = reader.cases(split)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    out = Path(args.out) if args.out else run_dir / f"eval_{split}_{ckpt.stem}"
+    module.method.predictor(args.output)  # an unknown output name fails here, before any case is read
+    suffix = f"_{args.output}" if args.output else ""
+    out = Path(args.out) if args.out else run_dir / f"eval_{split}_{ckpt.stem}{suffix}"
     print(f"evaluating {ckpt} on {len(refs)} {split} cases -> {out}")
     res = evaluate(module.method, cfg, reader, refs, out, split=split, checkpoint=f"{ckpt.stem} (step {module.checkpoint_step})",
-                   device=torch.device("cpu"))
+                   device=torch.device("cpu"), output=args.output)
     print(res["table"])
     print(f"per-case metrics: {out / 'per_case.csv'}; summary: {out / 'summary.json'}")
     return 0
@@ -122,9 +153,14 @@ def cmd_predict(args) -> int:
     from semidiff.data.image_io import SUPPORTED, normalize, read_image, suffix_of, write_prediction
     from semidiff.engine.module import load_module
     from semidiff.evaluation.evaluate import labels_from_probs, predict_image
+    from semidiff.export import is_exported_file, load_exported
 
-    module = load_module(str(_resolve_checkpoint(args.checkpoint)), map_location=args.device)
-    cfg = module.cfg
+    if is_exported_file(args.checkpoint):
+        exported = load_exported(args.checkpoint, device=args.device)
+        predict_fn, cfg = exported.predict, exported.cfg
+    else:
+        module = load_module(str(_resolve_checkpoint(args.checkpoint)), map_location=args.device)
+        predict_fn, cfg = module.method.predict, module.cfg
     src, dst = Path(args.input), Path(args.output)
     if src.is_dir():
         files = sorted(p for p in src.iterdir() if p.is_file() and suffix_of(p) in SUPPORTED)
@@ -133,30 +169,57 @@ def cmd_predict(args) -> int:
         pairs = [(f, dst / (f.name if suffix_of(f) not in (".jpg", ".jpeg") else f.stem + ".png")) for f in files]
     else:
         pairs = [(src, dst)]
-    for inp, out in pairs:
-        img = read_image(inp, cfg.data.volume_axes)
-        if img.array.shape[0] != cfg.model.in_channels:
-            raise SemidiffError(f"{inp}: image has {img.array.shape[0]} channels, the model expects {cfg.model.in_channels}")
-        spatial = img.array.ndim - 1
-        if cfg.spatial_dims == 3 and spatial != 3:
-            raise SemidiffError(f"{inp}: a 3D model needs a 3D image, got {spatial}D of shape {img.array.shape[1:]}")
-        probs = predict_image(module.method.predict, cfg, normalize(img.array, cfg.data.normalize), args.device)
-        label = labels_from_probs(cfg, probs)
-        write_prediction(label, img, out, cfg.data.volume_axes)
-        counts = {int(c): int((label == c).sum()) for c in range(cfg.model.num_classes)}
-        print(f"{inp} -> {out}  shape {label.shape}  voxels per class {counts}")
+    channels = cfg.model.in_channels
+    if src.is_dir() and channels > 1:
+        # nnU-Net naming: one file per channel, <case>_0000.<ext> ..., prediction <case>.<ext>.
+        pairs = [(f, o.with_name(o.name.replace("_0000", "", 1))) for f, o in pairs if "_0000" in f.name]
+    palette = _dataset_palette(cfg) if any(suffix_of(o) == ".png" for _, o in pairs) else None
+    written: list[Path] = []
+    try:
+        for inp, out in pairs:
+            if channels > 1 and "_0000" in inp.name:
+                from semidiff.data.nnunet import read_case_channels
+
+                img = read_case_channels(inp, channels, cfg.data.volume_axes)
+            else:
+                img = read_image(inp, cfg.data.volume_axes, channels=channels)
+            if img.array.shape[0] != cfg.model.in_channels:
+                raise SemidiffError(f"{inp}: image has {img.array.shape[0]} channels, the model expects {cfg.model.in_channels}")
+            spatial = img.array.ndim - 1
+            if cfg.spatial_dims == 3 and spatial != 3:
+                raise SemidiffError(f"{inp}: a 3D model needs a 3D image, got {spatial}D of shape {img.array.shape[1:]}")
+            probs = predict_image(predict_fn, cfg, normalize(img.array, cfg.data.normalize), args.device)
+            label = labels_from_probs(cfg, probs)
+            written.append(out)  # before writing: a half-written file is removed too
+            write_prediction(label, img, out, cfg.data.volume_axes, palette=palette)
+            counts = {int(c): int((label == c).sum()) for c in range(cfg.model.num_classes)}
+            print(f"{inp} -> {out}  shape {label.shape}  voxels per class {counts}")
+    except BaseException:
+        # All or nothing: a bad input (or Ctrl-C) leaves no prediction of this call behind.
+        for path in written:
+            path.unlink(missing_ok=True)
+            path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)  # write_prediction's temporary
+        raise
     return 0
 
 
+def _dataset_palette(cfg) -> list[int] | None:
+    """The palette of the training dataset's masks (MOSXAV), so that 2D predictions are written
+    as the dataset's own labels are; None for datasets whose masks hold plain class ids."""
+    from semidiff.data import READERS, create_reader
+
+    try:
+        reader = create_reader(cfg.data.reader, cfg.data.root, **cfg.data.reader_options)
+        return getattr(reader, "palette", None)
+    except SemidiffError:
+        # The data folder is not on this machine: fall back to the format's documented palette.
+        return getattr(READERS.get(cfg.data.reader), "default_palette", None)
+
+
 def _auto_reader(root: Path) -> str:
-    if (root / "train_slices.list").is_file():
-        return "acdc"
-    if (root / "dataset.json").is_file() and (root / "cases").is_dir():
-        return "synthetic"
-    if any(root.glob("*.list")) or any(root.glob("*.txt")):
-        return "h5caselist"
-    raise SemidiffError(f"{root}: cannot tell the dataset format (no train_slices.list, dataset.json or *.list); "
-                        "pass --reader")
+    from semidiff.data.inspect import detect_reader
+
+    return detect_reader(root)
 
 
 def cmd_data(args) -> int:
@@ -164,6 +227,16 @@ def cmd_data(args) -> int:
     from semidiff.data.inspect import inspect_dataset
     from semidiff.data.synthetic import make_synthetic_dataset
 
+    if args.data_command == "prepare":
+        from semidiff.data.prepare import MANIFEST_NAME, prepare_acdc, prepare_la
+
+        if args.dataset == "la":
+            splits = prepare_la(args.raw, args.out, margin=args.margin, test_list=args.test_list)
+        else:
+            splits = prepare_acdc(args.raw, args.out, val_list=args.val_list, test_list=args.test_list)
+        counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items() if v)
+        print(f"wrote {args.dataset} to {args.out} ({counts}); checksums in {Path(args.out) / MANIFEST_NAME}")
+        return 0
     if args.data_command == "synth":
         size = (96, 96) if args.dims == 2 else (48, 48, 48)
         root = make_synthetic_dataset(args.out, spatial_dims=args.dims, num_cases=args.cases, size=size, seed=args.seed)
@@ -205,8 +278,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "export":
+            from semidiff.export import export_checkpoint
+
+            export_checkpoint(_resolve_checkpoint(args.checkpoint), args.format, args.out)
+            return 0
         if args.command == "list":
             return cmd_list(args)
+        if args.command == "bench":
+            from semidiff.bench import run_bench
+
+            return 1 if run_bench(args.config, args.overrides) else 0
+        if args.command == "report":
+            from semidiff.bench import write_report
+
+            write_report(args.target)
+            return 0
     except SemidiffError as exc:
         print(f"semidiff: error: {exc}", file=sys.stderr)
         return 2

@@ -123,6 +123,35 @@ class EvalConfig(_Section):
     overlay_cases: int = Field(default=3, ge=0)
 
 
+class NoiseConfig(_Section):
+    """Noise-robustness benchmark mode (methods.md section 2): controlled label noise, off by default.
+
+    ``target: labeled`` corrupts the masks of a seeded ``labeled_share`` of the labeled cases once,
+    when they are loaded (validation and test labels never); ``target: pseudo`` corrupts every
+    method's hard pseudo-labels where they are made (:meth:`semidiff.methods.base.Method.corrupt_pseudo`).
+    Kinds (:mod:`semidiff.noise`): ``flip`` (each pixel to another class with probability ``rate``),
+    ``erode`` / ``dilate`` (each foreground object shrinks / grows by ``k`` pixels), ``drop``
+    (each connected component becomes background with probability ``rate``).
+    """
+
+    target: Literal["none", "labeled", "pseudo"] = "none"
+    kind: Literal["flip", "erode", "dilate", "drop"] = "flip"
+    rate: float = Field(default=0.0, ge=0.0, le=1.0, description="flip: per pixel; drop: per component")
+    k: int = Field(default=0, ge=0, le=64, description="erode/dilate depth in pixels of the label grid")
+    labeled_share: float = Field(default=1.0, ge=0.0, le=1.0,
+                                 description="target labeled: share of the labeled cases corrupted")
+    seed: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _used_parameter_only(self) -> NoiseConfig:
+        # A value the chosen kind ignores is almost always a mistake (e.g. kind=erode, rate=0.2).
+        if self.kind in ("erode", "dilate") and self.rate != 0.0:
+            raise ValueError(f"noise.rate: kind {self.kind} uses noise.k, not noise.rate (leave rate at 0)")
+        if self.kind in ("flip", "drop") and self.k != 0:
+            raise ValueError(f"noise.k: kind {self.kind} uses noise.rate, not noise.k (leave k at 0)")
+        return self
+
+
 class Config(_Section):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -130,6 +159,7 @@ class Config(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":

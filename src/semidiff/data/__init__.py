@@ -17,7 +17,10 @@ from semidiff.data.h5_caselist import (
     read_h5_case,
     read_id_list,
 )
-from semidiff.data.inspect import InspectReport, SplitSummary, inspect_dataset
+from semidiff.data.endoscapes import EndoscapesReader
+from semidiff.data.inspect import InspectReport, SplitSummary, detect_reader, inspect_dataset
+from semidiff.data.mosxav import MosxavReader
+from semidiff.data.nnunet import NnUNetReader
 from semidiff.data.record import Case, CaseRef
 from semidiff.data.sampler import TwoStreamBatchSampler
 from semidiff.data.splits import groups_in_order, holdout, select_labeled
@@ -33,6 +36,10 @@ from semidiff.errors import ConfigError
 
 __all__ = [
     "ACDCReader",
+    "EndoscapesReader",
+    "MosxavReader",
+    "NnUNetReader",
+    "detect_reader",
     "BRATS_LAYOUT",
     "Case",
     "CaseRef",
@@ -60,15 +67,37 @@ __all__ = [
 ]
 
 # Reader names accepted by create_reader (and hence by configs).
-READERS = {"acdc": ACDCReader, "h5caselist": H5CaseListReader, "synthetic": open_synthetic}
+def _preset(layout: dict, name: str):
+    """An h5caselist reader with a literature layout's defaults (any of them can be overridden)."""
+
+    def make(root, **kwargs):
+        return H5CaseListReader(root, **{**layout, "name": name, **kwargs})
+
+    make.__name__ = f"{name}_reader"
+    return make
+
+
+READERS = {
+    "acdc": ACDCReader,
+    "h5caselist": H5CaseListReader,
+    "synthetic": open_synthetic,
+    "la": _preset(LA_LAYOUT, "la"),
+    "pancreas": _preset(PANCREAS_LAYOUT, "pancreas"),
+    "brats": _preset(BRATS_LAYOUT, "brats"),
+    "endoscapes": EndoscapesReader,
+    "mosxav": MosxavReader,
+    "nnunet": NnUNetReader,
+}
 
 
 def create_reader(name: str, root: str | Path, **kwargs):
     """Build a reader by name.
 
     Args:
-        name: ``"acdc"``, ``"h5caselist"`` or ``"synthetic"`` (an h5caselist reader whose
-            layout, dimensionality and classes come from the folder's ``dataset.json``).
+        name: ``"acdc"``, ``"h5caselist"``, ``"synthetic"`` (an h5caselist reader whose
+            layout, dimensionality and classes come from the folder's ``dataset.json``),
+            ``"la"``/``"pancreas"``/``"brats"`` (h5caselist with that layout's preset),
+            ``"endoscapes"``, ``"mosxav"`` or ``"nnunet"`` (the user's own data).
         root: dataset folder.
         **kwargs: passed to the reader (e.g. ``num_classes``, ``path_pattern``, ``lists``).
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from semidiff.data.image_io import check_voxel_count
 from semidiff.data.record import Case, CaseRef
 from semidiff.errors import ConfigError, DataError
 
@@ -88,6 +89,7 @@ def _read_dataset(f: h5py.File, key: str, path: Path) -> np.ndarray:
     obj = f[key]
     if not isinstance(obj, h5py.Dataset):
         raise DataError(path, f"key {key!r} is a group, not an array")
+    check_voxel_count(path, obj.shape, what=key)  # before allocating
     return np.asarray(obj[()])
 
 

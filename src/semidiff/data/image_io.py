@@ -6,6 +6,8 @@ kept), Pillow for 2D PNG/JPEG/TIFF, h5py for the benchmark h5 files.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,56 @@ ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 H5_SUFFIXES = (".h5", ".hdf5")
 SUPPORTED = ITK_SUFFIXES + PIL_SUFFIXES + H5_SUFFIXES
+
+
+#: Most voxels (all channels) an image may have; a larger header is refused before any voxel is
+#: read, so a corrupt or hostile header cannot exhaust memory. ``SEMIDIFF_MAX_VOXELS`` overrides it.
+MAX_VOXELS = 2**30
+
+
+def check_voxel_count(path: str | Path, shape: tuple[int, ...], what: str = "image") -> None:
+    """Refuse an image whose header claims more than :data:`MAX_VOXELS` voxels, before reading it.
+
+    Raises:
+        DataError: naming the file, the claimed shape and the limit.
+    """
+    limit = int(os.environ.get("SEMIDIFF_MAX_VOXELS", MAX_VOXELS))
+    count = math.prod(int(s) for s in shape)
+    if count > limit:
+        raise DataError(path, f"{what} header claims shape {tuple(int(s) for s in shape)} ({count:.3g} voxels); "
+                              f"refusing to read more than {limit:.3g} (raise SEMIDIFF_MAX_VOXELS if it is real)")
+
+
+def check_nifti_voxels(path: Path) -> None:
+    """Validate a NIfTI file's header and raw voxels with nibabel before SimpleITK reads it.
+
+    SimpleITK's NIfTI reader silently turns NaN voxels into 0 and accepts some truncated
+    ``.nii.gz`` files; nibabel reads the stored values as they are.
+
+    Raises:
+        DataError: unreadable header, absurd or zero size, truncated or corrupt voxel data,
+            non-finite voxels or a non-numeric voxel type.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))  # header only
+    except Exception as exc:  # noqa: BLE001  nibabel raises several types for a bad header
+        raise DataError(path, f"cannot read image (not a valid NIfTI header: {type(exc).__name__}: {exc})") from None
+    shape = tuple(int(s) for s in img.shape)
+    check_voxel_count(path, shape)
+    if not shape or 0 in shape:
+        raise DataError(path, f"image is empty (header shape {shape})")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # noqa: BLE001  EOFError, zlib.error, OSError, ValueError
+        raise DataError(path, f"cannot read image (truncated or corrupt voxel data: {type(exc).__name__}: {exc})") from None
+    if data.dtype.kind not in "fiub":
+        raise DataError(path, f"image has non-numeric dtype {data.dtype}")
+    if data.dtype.kind == "f":
+        bad = int((~np.isfinite(data)).sum())
+        if bad:
+            raise DataError(path, f"image has {bad} non-finite (NaN/Inf) voxels")
 
 
 def suffix_of(path: Path) -> str:
@@ -36,7 +88,18 @@ class LoadedImage:
     spacing: tuple[float, ...] | None = None
 
 
-def read_image(path: str | Path, volume_axes: str = "zyx") -> LoadedImage:
+def read_image(path: str | Path, volume_axes: str = "zyx", channels: int | None = None) -> LoadedImage:
+    """Read an image file as ``(C, *spatial)`` float32 with what is needed to write a prediction back.
+
+    Args:
+        path: NIfTI/NRRD/MHA (SimpleITK), PNG/JPEG/TIFF (Pillow) or h5 (``image`` key).
+        volume_axes: array axis order of 3D images, ``"zyx"`` (SimpleITK's) or ``"xyz"``.
+        channels: for 2D Pillow images, 3 keeps RGB as three channels; otherwise colour images
+            are converted to one grey channel.
+
+    Raises:
+        DataError: missing, unreadable or unsupported file, empty or non-finite image.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
@@ -45,7 +108,13 @@ def read_image(path: str | Path, volume_axes: str = "zyx") -> LoadedImage:
         if suffix in ITK_SUFFIXES:
             import SimpleITK as sitk
 
-            img = sitk.ReadImage(str(path))
+            if suffix in (".nii", ".nii.gz"):
+                check_nifti_voxels(path)
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()  # header only: check the size before allocating
+            check_voxel_count(path, (*reader.GetSize(), reader.GetNumberOfComponents()))
+            img = reader.Execute()
             arr = sitk.GetArrayFromImage(img).astype(np.float32)  # (z, y, x[, channels])
             if img.GetNumberOfComponentsPerPixel() > 1:
                 arr = np.moveaxis(arr, -1, 0)
@@ -59,22 +128,35 @@ def read_image(path: str | Path, volume_axes: str = "zyx") -> LoadedImage:
         elif suffix in PIL_SUFFIXES:
             from PIL import Image
 
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("L") if im.mode not in ("L", "I", "I;16", "F") else im, dtype=np.float32)
-            out = LoadedImage(arr[None], path, "pil")
+            try:
+                im_file = Image.open(path)  # reads the header only
+            except Image.DecompressionBombError as exc:
+                raise DataError(path, f"refusing to read: {exc}") from None
+            with im_file as im:
+                check_voxel_count(path, im.size)
+                if channels == 3:
+                    arr = np.moveaxis(np.asarray(im.convert("RGB"), dtype=np.float32), -1, 0)
+                else:
+                    grey = im.convert("L") if im.mode not in ("L", "I", "I;16", "F") else im
+                    arr = np.asarray(grey, dtype=np.float32)[None]
+            out = LoadedImage(arr, path, "pil")
         elif suffix in H5_SUFFIXES:
             import h5py
 
             with h5py.File(path, "r") as f:
                 if "image" not in f:
                     raise DataError(path, f"no 'image' dataset (found: {', '.join(f.keys()) or 'nothing'})")
-                arr = np.asarray(f["image"], dtype=np.float32)[None]
+                data = f["image"]
+                check_voxel_count(path, data.shape)
+                if data.dtype.kind not in "fiub":
+                    raise DataError(path, f"image has non-numeric dtype {data.dtype}")
+                arr = np.asarray(data, dtype=np.float32)[None]
             out = LoadedImage(arr, path, "h5")
         else:
             raise DataError(path, f"unsupported file type {suffix!r}; supported: {', '.join(SUPPORTED)}")
     except DataError:
         raise
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, EOFError, SyntaxError) as exc:  # PIL: EOF/SyntaxError
         raise DataError(path, f"cannot read image ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
     if out.array.size == 0:
         raise DataError(path, "image is empty (zero size)")
@@ -85,20 +167,72 @@ def read_image(path: str | Path, volume_axes: str = "zyx") -> LoadedImage:
 
 
 def normalize(array: np.ndarray, mode: str) -> np.ndarray:
-    """The intensity normalisation the benchmark h5 files were made with, per image."""
-    if mode == "minmax":
-        lo, hi = float(array.min()), float(array.max())
-        return ((array - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
-    if mode == "zscore":
-        return ((array - array.mean()) / (array.std() or 1.0)).astype(np.float32)
-    return array.astype(np.float32)
+    """The intensity normalisation the benchmark h5 files were made with, per image and channel.
+
+    ``array`` is channel first; each channel is scaled on its own (multi-modal MRI channels have
+    unrelated ranges). Readers of raw formats call this too, so that training and
+    ``semidiff predict`` see identically scaled inputs.
+    """
+    if mode not in ("minmax", "zscore"):
+        return array.astype(np.float32)
+    out = np.empty(array.shape, dtype=np.float32)
+    for c in range(array.shape[0]):
+        ch = array[c].astype(np.float64)
+        if mode == "minmax":
+            lo, hi = float(ch.min()), float(ch.max())
+            out[c] = (ch - lo) / (hi - lo if hi > lo else 1.0)
+        else:
+            out[c] = (ch - ch.mean()) / (ch.std() or 1.0)
+    return out
 
 
-def write_prediction(label: np.ndarray, source: LoadedImage, out_path: str | Path, volume_axes: str = "zyx") -> Path:
-    """Write a label map next to its source's geometry (ITK) or as an 8-bit PNG / h5."""
+def read_label_png(path: str | Path) -> tuple[np.ndarray, list[int] | None]:
+    """Read a 2D label map stored as PNG: class id per pixel, plus its palette if it has one.
+
+    Palette ("P") PNGs give their indices (the value is the class id) and their palette as a
+    flat ``[r, g, b, ...]`` list; grey PNGs give their values; RGB PNGs whose three channels are
+    equal (EndoScapes ``semseg``) give the first channel.
+
+    Raises:
+        DataError: unreadable file, or a colour PNG whose channels differ (a colour-coded mask
+            this function cannot map to class ids).
+    """
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "label file is missing")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "P":
+                return np.asarray(im, dtype=np.uint8).copy(), list(im.getpalette() or [])
+            arr = np.asarray(im)
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"cannot read label image ({type(exc).__name__}: {exc})") from None
+    if arr.ndim == 3:
+        if arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, arr.shape[-1])):
+            raise DataError(path, "colour label PNG whose channels differ; expected class ids "
+                                  "(grey, palette, or equal RGB channels)")
+        arr = arr[..., 0]
+    return np.asarray(arr), None
+
+
+def write_prediction(label: np.ndarray, source: LoadedImage, out_path: str | Path, volume_axes: str = "zyx",
+                     palette: list[int] | None = None) -> Path:
+    """Write a label map next to its source's geometry (ITK) or as an 8-bit PNG / h5.
+
+    ``palette`` (flat ``[r, g, b, ...]``) makes a 2D PNG a palette PNG, as the dataset's own masks
+    are (MOSXAV); without it the PNG holds the class ids as grey values.
+    """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     label = label.astype(np.uint8)
+    # Written under a temporary name (same suffix, so the same writer) and renamed when complete:
+    # an interrupted write never leaves a truncated prediction under the final name.
+    tmp = out_path.with_name(f".tmp-{out_path.name}")
     if source.kind == "itk":
         import SimpleITK as sitk
 
@@ -109,14 +243,20 @@ def write_prediction(label: np.ndarray, source: LoadedImage, out_path: str | Pat
             img.SetSpacing(ref.GetSpacing())
             img.SetOrigin(ref.GetOrigin())
             img.SetDirection(ref.GetDirection())
-        sitk.WriteImage(img, str(out_path), useCompression=True)
+        sitk.WriteImage(img, str(tmp), useCompression=True)
     elif suffix_of(out_path) in H5_SUFFIXES:
         import h5py
 
-        with h5py.File(out_path, "w") as f:
+        with h5py.File(tmp, "w") as f:
             f.create_dataset("label", data=label, compression="gzip")
     else:
         from PIL import Image
 
-        Image.fromarray(label if label.ndim == 2 else label[0]).save(out_path)
+        img = Image.fromarray(label if label.ndim == 2 else label[0])
+        if palette:
+            # putpalette turns the grey image into a palette image without touching the ids.
+            # Padded to 256 entries: Pillow remaps ids beyond a short palette when it saves.
+            img.putpalette((list(palette) + [0] * 768)[:768])
+        img.save(tmp)
+    os.replace(tmp, out_path)
     return out_path

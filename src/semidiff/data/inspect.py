@@ -9,7 +9,36 @@ import numpy as np
 
 from semidiff.errors import DataError, SemidiffError
 
-__all__ = ["inspect_dataset", "InspectReport", "SplitSummary"]
+__all__ = ["InspectReport", "SplitSummary", "detect_reader", "inspect_dataset"]
+
+
+def detect_reader(root: str | Path) -> str:
+    """Guess which reader a dataset folder needs from the files it holds.
+
+    Returns:
+        A name for :func:`semidiff.data.create_reader`.
+
+    Raises:
+        DataError: nothing recognisable in the folder.
+    """
+    root = Path(root)
+    checks = (
+        ("acdc", (root / "train_slices.list").is_file()),
+        ("nnunet", (root / "dataset.json").is_file() and (root / "imagesTr").is_dir()),
+        ("synthetic", (root / "dataset.json").is_file() and (root / "cases").is_dir()),
+        ("endoscapes", (root / "semseg").is_dir() or any(root.glob("*_seg_vids.txt"))),
+        ("mosxav", (root / "trainval" / "JPEGImages").is_dir() or (root / "test" / "Annotations_Semantic").is_dir()),
+        ("la", (root / "2018LA_Seg_Training Set").is_dir()),
+        ("pancreas", (root / "Pancreas_h5").is_dir()),
+        ("brats", (root / "data").is_dir() and (root / "train.txt").is_file()),
+        ("h5caselist", any(root.glob("*.list")) or any(root.glob("*.txt"))),
+    )
+    for name, hit in checks:
+        if hit:
+            return name
+    raise DataError(root, "cannot tell the dataset format (none of: train_slices.list, dataset.json with "
+                          "imagesTr/ or cases/, semseg/, trainval/JPEGImages, 2018LA_Seg_Training Set, "
+                          "Pancreas_h5, data/ with train.txt, *.list); pass --reader")
 
 
 @dataclass
@@ -127,23 +156,29 @@ def inspect_dataset(reader, splits: list[str] | None = None) -> InspectReport:
         return report
 
     seen_groups: dict[str, str] = {}  # group -> first split it appeared in
-    for split in names:
+    jobs: list[tuple[str, str]] = [(s, s) for s in names]
+    if hasattr(reader, "unlabeled_cases") and "train" in names:
+        # Unlabeled images count as part of "train" for the leak check.
+        jobs.append(("train (unlabeled)", "train"))
+    for split, leak_key in jobs:
         summary = SplitSummary()
         report.splits[split] = summary
         try:
-            refs = reader.cases(split)
+            refs = reader.unlabeled_cases("train") if split == "train (unlabeled)" else reader.cases(split)
         except SemidiffError as exc:
             report.problems.append(_describe(exc, report.root))
             continue
+        if split == "train" and not refs:
+            report.problems.append(f"{report.root}: empty labeled set: split 'train' has no labeled cases")
         summary.listed = len(refs)
         groups: set[str] = set()
         for ref in refs:
             if ref.group not in groups:
                 groups.add(ref.group)
-                first = seen_groups.setdefault(ref.group, split)
-                if first != split:
+                first = seen_groups.setdefault(ref.group, leak_key)
+                if first != leak_key:
                     report.problems.append(
-                        f"{ref.path}: group {ref.group!r} is in split {split!r} and also in "
+                        f"{ref.path}: group {ref.group!r} is in split {leak_key!r} and also in "
                         f"split {first!r} (data leak)"
                     )
             try:

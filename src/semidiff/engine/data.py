@@ -5,7 +5,7 @@ A method never sees files; it receives ``{"labeled": {"image", "label"}, "unlabe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import lightning as L
 import torch
@@ -16,6 +16,7 @@ from semidiff.data import TwoStreamBatchSampler, create_reader, holdout, select_
 from semidiff.data.record import Case, CaseRef
 from semidiff.data.transforms import resample_volume
 from semidiff.errors import ConfigError
+from semidiff.noise import LabeledMaskNoise
 
 
 @dataclass
@@ -25,13 +26,18 @@ class Splits:
     labeled: list[CaseRef]
     unlabeled: list[CaseRef]
     val: list[CaseRef]
+    #: labeled cases whose masks the noise benchmark corrupts (``noise.target: labeled``)
+    noisy_labeled: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "labeled": [r.case_id for r in self.labeled],
             "unlabeled_count": len(self.unlabeled),
             "val": [r.case_id for r in self.val],
         }
+        if self.noisy_labeled:
+            out["noisy_labeled"] = list(self.noisy_labeled)
+        return out
 
 
 def build_reader(cfg: Config):
@@ -53,9 +59,17 @@ def build_splits(cfg: Config, reader) -> Splits:
         if labeled_n != int(labeled_n):
             raise ConfigError(f"data.labeled: {labeled_n} must be a whole number of {cfg.data.labeled_unit}")
         labeled_n = int(labeled_n)
-    labeled, unlabeled = select_labeled(
-        train_refs, labeled_n, unit=cfg.data.labeled_unit, rule=cfg.data.labeled_rule, seed=cfg.experiment.seed
-    )
+    try:
+        labeled, unlabeled = select_labeled(
+            train_refs, labeled_n, unit=cfg.data.labeled_unit, rule=cfg.data.labeled_rule, seed=cfg.experiment.seed
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"data.labeled: {exc}") from None  # name the key the user must change
+    if hasattr(reader, "unlabeled_cases"):
+        # Frame and own-data readers also have images without any label (unannotated frames, an
+        # unlabeled folder); those of held-out groups stay out so no video crosses splits.
+        val_groups = {r.group for r in val_refs}
+        unlabeled = unlabeled + [r for r in reader.unlabeled_cases(cfg.data.train_split) if r.group not in val_groups]
     return Splits(labeled=labeled, unlabeled=unlabeled, val=val_refs)
 
 
@@ -73,7 +87,8 @@ def load_resampled(reader, ref: CaseRef, factor: float) -> Case:
 class TrainItems(Dataset):
     """Labeled items first (indices < ``num_labeled``), unlabeled after; loaded once and cached."""
 
-    def __init__(self, reader, labeled: list[CaseRef], unlabeled: list[CaseRef], transform, factor: float, cache: bool):
+    def __init__(self, reader, labeled: list[CaseRef], unlabeled: list[CaseRef], transform, factor: float, cache: bool,
+                 label_noise: LabeledMaskNoise | None = None):
         self.reader = reader
         self.refs = list(labeled) + list(unlabeled)
         self.num_labeled = len(labeled)
@@ -81,6 +96,7 @@ class TrainItems(Dataset):
         self.factor = factor
         self.cache = cache
         self._cases: dict[int, Case] = {}
+        self.label_noise = label_noise  # noise benchmark: corrupts chosen labeled masks, same pixels every load
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -89,6 +105,8 @@ class TrainItems(Dataset):
         if index in self._cases:
             return self._cases[index]
         case = load_resampled(self.reader, self.refs[index], self.factor)
+        if self.label_noise is not None and index < self.num_labeled:
+            case = replace(case, label=self.label_noise(case.case_id, case.label))
         if self.cache:
             self._cases[index] = case
         return case
@@ -156,7 +174,16 @@ class SemidiffData(L.LightningDataModule):
             train_transforms(cfg.spatial_dims, cfg.data.patch_size, augment=cfg.data.augment),
             cfg.data.resample_factor,
             cfg.data.cache,
+            label_noise=self._labeled_noise(cfg),
         )
+
+    def _labeled_noise(self, cfg: Config) -> LabeledMaskNoise | None:
+        """The labeled-mask corruption of ``noise.target: labeled`` (None otherwise); records its cases."""
+        if cfg.noise.target != "labeled":
+            return None
+        noise = LabeledMaskNoise(cfg.noise, [r.case_id for r in self.splits.labeled], cfg.model.num_classes)
+        self.splits.noisy_labeled = noise.noisy_ids
+        return noise
 
     def train_dataloader(self) -> DataLoader:
         n_lab = self.train_items.num_labeled
@@ -167,7 +194,9 @@ class SemidiffData(L.LightningDataModule):
             list(range(n_lab, len(self.train_items))),
             self.cfg.train.labeled_batch,
             self.cfg.train.unlabeled_batch if self.uses_unlabeled else 0,
-            num_batches=max(1, self.cfg.train.max_steps - start),
+            # len() must stay max_steps on resume: Lightning measures the (single) epoch by it and
+            # counts the restored batches in; max_steps stops the run before the sampler runs out.
+            num_batches=self.cfg.train.max_steps,
             seed=self.cfg.experiment.seed,
             rank=self.trainer.global_rank if self.trainer else 0,
             world_size=self.trainer.world_size if self.trainer else 1,
@@ -185,4 +214,10 @@ class SemidiffData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.splits.val:
             return []
-        return DataLoader(CaseList(self.reader, self.splits.val), batch_size=None, collate_fn=lambda c: c)
+        refs = self.splits.val
+        world = self.trainer.world_size if self.trainer else 1
+        if world > 1 and len(refs) >= world:
+            # Each rank validates its share; the module gathers the per-case metrics, so they are
+            # computed once over the whole set (use_distributed_sampler is off).
+            refs = refs[self.trainer.global_rank :: world]
+        return DataLoader(CaseList(self.reader, refs), batch_size=None, collate_fn=lambda c: c)

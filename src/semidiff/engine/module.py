@@ -25,7 +25,9 @@ def build_method(cfg: Config):
         spatial_dims=cfg.spatial_dims,
         options=cfg.model.net_options,
     )
-    return create_method(cfg.method.name, spec, cfg.method.options)
+    method = create_method(cfg.method.name, spec, cfg.method.options)
+    method.set_pseudo_noise(cfg.noise)  # noise benchmark: a no-op unless noise.target is pseudo
+    return method
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -56,6 +58,7 @@ class SemidiffModule(L.LightningModule):
         # torch's RNG (dropout, noise, diffusion timesteps) is a function of (seed, step), so a
         # run resumed from any checkpoint replays exactly what an uninterrupted run would do.
         torch.manual_seed((self.cfg.experiment.seed * 1_000_003 + self.global_step) % (2**63))
+        self.method.start_pseudo_noise_step(self.global_step)  # noise benchmark: draws keyed by step
         progress = Progress(self.global_step, self.cfg.train.max_steps)
         parts = self.method.training_step(batch["labeled"], batch["unlabeled"], progress)
         for name, value in parts.items():
@@ -71,8 +74,19 @@ class SemidiffModule(L.LightningModule):
                  batch_size=bs, logger=False)
         return parts["loss"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.method.on_step_end(Progress(self.global_step, self.cfg.train.max_steps))
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the optimiser step, not in on_train_batch_end: ModelCheckpoint saves in its
+        # own on_train_batch_end, which Lightning calls before the module's, so an EMA update made
+        # there would be missing from a checkpoint taken at that step (inexact resume).
+        # Lightning counts the step only after this hook returns; ema_update expects the count
+        # including it (1 after the first step).
+        # DDP: the hook runs on every rank. Gradients are all-reduced, so the students are equal
+        # after every step; the teachers start equal (same seed, and DDP broadcasts rank 0's
+        # parameters at wrap time), so an EMA of equal students stays equal on every rank with no
+        # communication. BatchNorm running statistics are rank 0's (DDP broadcasts buffers from
+        # rank 0 before each forward), and rank 0 writes the checkpoints.
+        self.method.on_step_end(Progress(self.global_step + 1, self.cfg.train.max_steps))
 
     def configure_optimizers(self):
         t = self.cfg.train
@@ -96,7 +110,27 @@ class SemidiffModule(L.LightningModule):
         if batch_idx < self.cfg.eval.overlay_cases:
             self._val_images.append(overlay_row(case, pred))
 
+    def _gather_val_records(self) -> list[dict]:
+        """Per-case records of every rank, once per case (each DDP rank validates its share).
+
+        Every rank then summarises the same full list, so the logged metrics (and the best
+        checkpoint they select) are those of the whole validation set, identical on all ranks.
+        """
+        records = self._val_records
+        dist = torch.distributed
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            shards: list = [None] * self.trainer.world_size
+            dist.all_gather_object(shards, records)
+            seen: set[str] = set()
+            records = []
+            for record in (r for shard in shards for r in shard):
+                if record["case_id"] not in seen:  # unsharded (fewer cases than ranks): duplicates
+                    seen.add(record["case_id"])
+                    records.append(record)
+        return records
+
     def on_validation_epoch_end(self) -> None:
+        self._val_records = self._gather_val_records()  # collective: before any early return
         if not self._val_records:
             return
         summary = summarize(self._val_records, self.cfg.model.class_names)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from semidiff.config import Config
+from semidiff.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from semidiff.engine.data import SemidiffData
 from semidiff.engine.module import SemidiffModule
 from semidiff.errors import SemidiffError
@@ -37,27 +40,76 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return run_dir / "checkpoints" / f"{which}.ckpt"
 
 
+def is_launch_rank_zero() -> bool:
+    """Whether this process is global rank 0, from the launcher's environment.
+
+    Read before ``torch.distributed`` exists: torchrun sets ``RANK``, SLURM ``SLURM_PROCID``, and
+    Lightning's own launcher ``NODE_RANK``/``LOCAL_RANK`` for the processes it starts. Only rank 0
+    prepares the run folder; the other ranks must not check, delete or write it.
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value) == 0
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
+def peak_memory_mib() -> float:
+    """Peak CUDA allocation when training ran on a GPU, else the process's peak resident memory."""
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20, 1)
+
+
+def preflight_data(data: SemidiffData) -> None:
+    """Load every training and validation case once, so a bad file fails before the run starts
+    (naming the file), not at the step that first draws it.
+
+    Training cases land in the cache that training would fill anyway; without ``data.cache``
+    they are not loaded twice (a bad one then fails when drawn, and the run folder is removed if
+    no checkpoint was written yet).
+    """
+    items = data.train_items
+    if items.cache:
+        for index in range(len(items)):
+            items._case(index)
+    for ref in data.splits.val:
+        data.reader.load(ref)
+
+
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train one run; returns the final evaluation summaries (last and best on validation)."""
     run_dir = cfg.run_dir()
     last = checkpoint_path(run_dir, "last")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise SemidiffError(
-                f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to start again"
-            )
-        shutil.rmtree(run_dir)
-    if resume and not last.is_file():
-        log(f"no checkpoint at {last}: starting a new run")
-    check_output_dir(run_dir)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    rank_zero = is_launch_rank_zero()
+    existing = run_dir.exists() and any(run_dir.iterdir())
+    if rank_zero and existing and not resume and not overwrite:
+        raise SemidiffError(
+            f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to start again"
+        )
 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     L.seed_everything(cfg.experiment.seed, workers=True, verbose=False)
     module = SemidiffModule(cfg.model_dump(mode="json"))
     data = SemidiffData(cfg, uses_unlabeled=module.method.uses_unlabeled)
-    (run_dir / "splits.json").write_text(json.dumps(data.splits.summary(), indent=1))
+    # Config and data problems surface here, before anything is written: no half-made run folder.
+    preflight_data(data)
+    fresh = not existing or overwrite  # this call creates the folder (so may remove it on failure)
+    if rank_zero:
+        if existing and overwrite and not resume:
+            shutil.rmtree(run_dir)
+        if resume and not last.is_file():
+            log(f"no checkpoint at {last}: starting a new run")
+        check_output_dir(run_dir)
+        remove_stale_temporaries(run_dir / "checkpoints")  # left by a run killed mid-save
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if rank_zero:
+        (run_dir / "splits.json").write_text(json.dumps(data.splits.summary(), indent=1))
     log(f"run folder: {run_dir}")
     log(f"data: {len(data.splits.labeled)} labeled, "
         f"{len(data.splits.unlabeled) if data.uses_unlabeled else 0} unlabeled used, "
@@ -97,17 +149,26 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print)
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the two-stream sampler shards itself by rank
         callbacks=[ckpt_cb],
+        plugins=[AtomicCheckpointIO()],  # last/best/final: temporary file, then os.replace
         logger=loggers,
         enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False,
         default_root_dir=str(run_dir),
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.is_file() else None)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.is_file() else None)
+    except BaseException:
+        # A run that failed before its first checkpoint has nothing to resume: leave no folder.
+        if rank_zero and fresh and not resume and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     wall = time.perf_counter() - start
-    trainer.save_checkpoint(checkpoint_path(run_dir, "final"))
+    trainer.save_checkpoint(checkpoint_path(run_dir, "final"))  # collective: every rank calls it
+    if not trainer.is_global_zero:
+        return {}  # rank 0 alone writes timing and evaluates (once, over the whole set)
     steps_done = trainer.global_step
-    timing = {"wall_seconds": round(wall, 1), "steps": steps_done}
+    timing = {"wall_seconds": round(wall, 1), "steps": steps_done, "peak_memory_mib": peak_memory_mib()}
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"trained {steps_done} steps in {wall:.0f} s")
 

@@ -23,6 +23,7 @@ from semidiff.data.transforms import resample_to_shape, resample_volume
 from semidiff.evaluation.figures import overlay_panel, pick_slice
 from semidiff.evaluation.inference import keep_largest_component, predict_case
 from semidiff.evaluation.metrics import case_metrics, format_summary_table, summarize, write_metrics
+from semidiff.noise import describe_noise
 
 
 def inference_mode(cfg: Config, image_spatial_dims: int) -> str:
@@ -94,16 +95,20 @@ def overlay_row(case, pred: np.ndarray) -> tuple:
     return case.case_id, img, case.label, pred
 
 
-def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int, mode: str) -> dict[str, object]:
-    """What every reported number must state (protocols.md)."""
+def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int, mode: str,
+                    output: str = "default") -> dict[str, object]:
+    """What every reported number must state (protocols.md); ``output`` names the method's output used."""
     import semidiff
 
     return {
         "dataset": f"{cfg.data.reader}:{cfg.data.root}",
         "split": split,
         "cases": n_cases,
-        "labeled": f"{cfg.data.labeled:g} {cfg.data.labeled_unit} ({cfg.data.labeled_rule})",
+        "labeled": (f"{cfg.data.labeled:.0%} of the training cases ({cfg.data.labeled_rule})"
+                    if cfg.data.labeled_unit == "fraction"
+                    else f"{cfg.data.labeled:g} {cfg.data.labeled_unit} ({cfg.data.labeled_rule})"),
         "method": cfg.method.name,
+        "output": output,
         "network": cfg.model.net,
         "budget": f"{cfg.train.max_steps} steps, batch {cfg.train.labeled_batch}+{cfg.train.unlabeled_batch}, "
                   f"patch {cfg.data.patch_size}, resample {cfg.data.resample_factor:g}",
@@ -114,6 +119,7 @@ def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int, mode
         "units": cfg.eval.units,
         "empty_rule": cfg.eval.empty_rule,
         "seed": cfg.experiment.seed,
+        "noise": describe_noise(cfg.noise),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "semidiff": semidiff.__version__,
@@ -123,8 +129,15 @@ def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int, mode
 
 @torch.no_grad()
 def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str, checkpoint: str,
-             device: torch.device | str = "cpu", log: Callable[[str], None] = print) -> dict:
-    """Predict every case of ``refs``, compute metrics, write CSV/JSON/figure; return the summary."""
+             device: torch.device | str = "cpu", log: Callable[[str], None] = print,
+             output: str | None = None) -> dict:
+    """Predict every case of ``refs``, compute metrics, write CSV/JSON/figure; return the summary.
+
+    ``output`` names one of ``method.outputs`` (e.g. Diff-CL's ``cs``, ``ds``, ``mean``); None uses
+    the method's default output.
+    """
+    predict = method.predictor(output)
+    output_name = output or method.default_output
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     method.eval()
@@ -134,26 +147,33 @@ def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str,
         case = reader.load(ref)
         modes.add(inference_mode(cfg, case.image.ndim - 1))
         t0 = time.perf_counter()
-        probs = predict_image(method.predict, cfg, case.image, device)
+        probs = predict_image(predict, cfg, case.image, device)
         pred = labels_from_probs(cfg, probs)
         spacing = case.spacing if cfg.eval.units == "mm" else None
         if cfg.eval.units == "mm" and spacing is None:
             from semidiff.errors import ConfigError
 
             raise ConfigError(f"eval.units=mm but {case.source} stores no spacing; use eval.units=voxels")
-        metrics = case_metrics(pred, case.label, cfg.model.num_classes, spacing=spacing, empty_rule=cfg.eval.empty_rule)
+        # Readers mark unannotated pixels (MOSXAV test "others") with meta["ignore_index"].
+        metrics = case_metrics(pred, case.label, cfg.model.num_classes, spacing=spacing, empty_rule=cfg.eval.empty_rule,
+                               ignore_index=case.meta.get("ignore_index"))
         records.append({"case_id": case.case_id, "metrics": metrics, "seconds": time.perf_counter() - t0})
         if i < cfg.eval.overlay_cases:
             panel_rows.append(overlay_row(case, pred))
         log(f"  [{i + 1}/{len(refs)}] {case.case_id}: mean Dice "
             f"{np.mean([m['dice'] for m in metrics.values()]):.4f}")
     summary = summarize(records, cfg.model.class_names)
-    protocol = protocol_header(cfg, split, checkpoint, len(refs), " + ".join(sorted(modes)) or "none")
+    protocol = protocol_header(cfg, split, checkpoint, len(refs), " + ".join(sorted(modes)) or "none", output_name)
     protocol["inference_seconds_per_case"] = round((time.perf_counter() - start) / max(1, len(refs)), 3)
     write_metrics(records, summary, out_dir, protocol)
     if panel_rows:
+        # The raw slices too, so `semidiff report` can put several methods side by side on the same cases.
+        np.savez_compressed(out_dir / "overlay_slices.npz", **{
+            f"{kind}/{cid}": arr for cid, img, truth, pred in panel_rows
+            for kind, arr in (("image", img), ("truth", truth), ("pred", pred))})
         overlay_panel(panel_rows, out_dir / "overlays.png", class_names=cfg.model.class_names,
-                      title=f"{cfg.method.name} ({checkpoint} checkpoint), {split}")
+                      title=f"{cfg.method.name}{'' if output_name == 'default' else f' [{output_name}]'} "
+                            f"({checkpoint} checkpoint), {split}")
     table = format_summary_table(summary)
     (out_dir / "summary.md").write_text(
         "\n".join(f"- {k}: {v}" for k, v in protocol.items()) + "\n\n" + table + "\n"

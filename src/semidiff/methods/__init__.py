@@ -15,6 +15,8 @@ from semidiff.methods.base import (
 # Importing a method module registers it.
 from semidiff.methods import supervised  # noqa: E402,F401
 from semidiff.methods import bcp, cps, mean_teacher, ua_mt  # noqa: E402,F401
+from semidiff.methods import protodiff  # noqa: E402,F401
+from semidiff.methods import diffcl  # noqa: E402,F401
 
 __all__ = [
     "Method",

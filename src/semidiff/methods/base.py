@@ -8,14 +8,20 @@ by :func:`register_method`, one ``Options`` model for its config section, one te
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from semidiff.errors import ConfigError
+from semidiff.noise import apply_noise, make_generator
+
+if TYPE_CHECKING:
+    from semidiff.config import NoiseConfig
 
 
 class MethodOptions(BaseModel):
@@ -57,11 +63,15 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     #: whether the method consumes unlabeled items (the sampler then draws them).
     uses_unlabeled: ClassVar[bool] = False
+    #: names of the outputs ``predict(image, output=NAME)`` can give (``semidiff eval --output``).
+    #: A method with one output keeps ``("default",)`` and a plain ``predict(image)``.
+    outputs: ClassVar[tuple[str, ...]] = ("default",)
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__()
         self.net_spec = net
         self.options = options
+        self.set_pseudo_noise(None)
 
     def training_step(
         self, labeled: dict[str, Tensor], unlabeled: dict[str, Tensor] | None, progress: Progress
@@ -80,8 +90,108 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def predict(self, image: Tensor) -> Tensor:
-        """Class probabilities (B, num_classes, *spatial) for images (B, C, *spatial)."""
+        """Class probabilities (B, num_classes, *spatial) for images (B, C, *spatial).
+
+        A method with several :attr:`outputs` takes ``predict(image, output=None)`` instead.
+        """
         raise NotImplementedError
+
+    @property
+    def default_output(self) -> str:
+        """The name of what ``predict(image)`` returns (reported in the protocol header)."""
+        return self.outputs[0]
+
+    def predictor(self, output: str | None = None) -> Callable[[Tensor], Tensor]:
+        """``image -> probabilities`` for the named output (None: the default one).
+
+        Raises:
+            ConfigError: ``output`` is not one of :attr:`outputs`.
+        """
+        if output is None or (self.outputs == ("default",) and output == "default"):
+            return self.predict  # single-output methods keep their plain predict(image)
+        if output not in self.outputs:
+            raise ConfigError(f"method {self.name!r} has no output {output!r}; its outputs: {', '.join(self.outputs)}")
+        return functools.partial(self.predict, output=output)
+
+    def export_net(self) -> nn.Module | None:
+        """The one network whose softmax :meth:`predict` returns, for ``semidiff export``.
+
+        None (the default) when the prediction is not a single network's output (an ensemble,
+        a diffusion sampler): such methods cannot be exported to TorchScript/ONNX.
+        """
+        return None
+
+    # ---- noise-robustness benchmark (``noise.target: pseudo``) --------------------------------
+    def set_pseudo_noise(self, spec: NoiseConfig | None) -> None:
+        """Turn pseudo-label corruption on (a ``noise`` section with ``target: pseudo``) or off.
+
+        The engine calls it once after building the method. Not part of the state dict: the
+        setting comes from the config, which every checkpoint carries.
+        """
+        self._pseudo_noise = spec if spec is not None and spec.target == "pseudo" else None
+        self.start_pseudo_noise_step(0)
+
+    def start_pseudo_noise_step(self, step: int) -> None:
+        """Key the pseudo-label noise of the coming training step (the engine calls it every step).
+
+        The draws of :meth:`corrupt_pseudo` depend only on (``noise.seed``, this step, the call's
+        order within the step): a resumed run corrupts exactly as an uninterrupted one, and no draw
+        is taken from the global RNG that the method's own randomness uses.
+        """
+        self._pseudo_noise_step = int(step)
+        self._pseudo_noise_calls = 0
+
+    def _pseudo_noise_generator(self) -> torch.Generator:
+        self._pseudo_noise_calls += 1
+        mixed = (self._pseudo_noise.seed * 1_000_003 + self._pseudo_noise_step) * 1009 + self._pseudo_noise_calls
+        return make_generator(mixed % (2**63))
+
+    def corrupt_pseudo(self, labels: Tensor) -> Tensor:
+        """Hard pseudo-labels as the noise benchmark corrupts them (identity when it is off).
+
+        Call it on every hard pseudo-label map right where it is made, before it enters a loss.
+
+        Args:
+            labels: Integer class maps, (B, 1, *spatial) or (B, *spatial).
+
+        Returns:
+            The corrupted maps (same shape, dtype, device), or ``labels`` itself when off.
+        """
+        if self._pseudo_noise is None:
+            return labels
+        return apply_noise(self._pseudo_noise, labels, self.net_spec.num_classes, self.net_spec.spatial_dims,
+                           self._pseudo_noise_generator())
+
+    def corrupt_soft_pseudo(self, probs: Tensor) -> Tensor:
+        """Soft targets (teacher probabilities) under the noise benchmark (identity when it is off).
+
+        The argmax of ``probs`` is corrupted by :meth:`corrupt_pseudo`; at the pixels whose class it
+        changed, the probabilities become the one-hot of the corrupted class, elsewhere they are
+        kept. So a flip rate p wrongs a share p of the target pixels, as for hard pseudo-labels.
+
+        Args:
+            probs: (B, C, *spatial) class probabilities.
+        """
+        if self._pseudo_noise is None:
+            return probs
+        hard = probs.argmax(dim=1, keepdim=True)
+        noisy = self.corrupt_pseudo(hard)
+        onehot = torch.nn.functional.one_hot(noisy[:, 0], probs.shape[1]).movedim(-1, 1).to(probs.dtype)
+        return torch.where(noisy != hard, onehot, probs)
+
+
+def all_reduce_sum(*tensors: Tensor) -> None:
+    """Sum tensors in place over all DDP processes (a no-op in a single process).
+
+    For state a method accumulates from its own batch (prototype sums and counts, memory-bank
+    statistics): call it on the per-step statistics before applying them in ``on_step_end``, so
+    every rank applies the same update from the whole global batch and the state stays identical
+    across ranks. Parameters need nothing: DDP keeps them in sync.
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -150,6 +150,7 @@ class BCP(TeacherStudentMethod):
             plab, _ = pseudo_label(softmax_probs(self.teacher, torch.cat([xu_a, xu_b])))
             if self.options.largest_component:
                 plab = largest_component(plab, self.net_spec.num_classes)
+            plab = self.corrupt_pseudo(plab)  # noise benchmark, on the labels the student sees
         pl_a, pl_b = plab[:n], plab[n:]
         logits = self.student(torch.cat([mix(xl_a, xu_a, mask), mix(xu_b, xl_b, mask)]))
         # Labeled block in unlabeled background: ground truth inside, pseudo-labels outside.

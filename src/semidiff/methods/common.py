@@ -178,6 +178,10 @@ class TeacherStudentMethod(Method):
         net = self.teacher if self.options.eval_model == "teacher" else self.student
         return softmax_probs(net, image)
 
+    def export_net(self) -> nn.Module:
+        """The network :meth:`predict` uses (student by default)."""
+        return self.teacher if self.options.eval_model == "teacher" else self.student
+
 
 # ---- unlabeled-data helpers ---------------------------------------------------------------------
 def require_unlabeled(unlabeled: dict[str, Tensor] | None, method: str) -> Tensor:

@@ -61,6 +61,7 @@ class CPS(Method):
 
     def _pseudo_loss(self, logits: Tensor, other_logits: Tensor) -> Tensor:
         target, _ = pseudo_label(torch.softmax(other_logits.detach().float(), dim=1))
+        target = self.corrupt_pseudo(target)  # noise benchmark (identity unless noise.target: pseudo)
         if self.options.pseudo_loss == "seg":
             return seg_loss(logits, target)
         return F.cross_entropy(logits.float(), target[:, 0])
@@ -88,3 +89,7 @@ class CPS(Method):
         if self.options.eval_model == "b":
             return softmax_probs(self.net_b, image)
         return 0.5 * (softmax_probs(self.net_a, image) + softmax_probs(self.net_b, image))
+
+    def export_net(self):
+        """Network A (or B) as ``eval_model`` says; None for the two-network mean."""
+        return {"a": self.net_a, "b": self.net_b}.get(self.options.eval_model)

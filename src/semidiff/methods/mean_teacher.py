@@ -77,4 +77,5 @@ class MeanTeacher(TeacherStudentMethod):
         o = self.options
         with torch.no_grad():
             target = softmax_probs(self.teacher, x_u + input_noise(x_u, o.noise_std, o.noise_clip))
+            target = self.corrupt_soft_pseudo(target)  # noise benchmark (identity unless noise.target: pseudo)
         return softmax_mse(student_logits, target).mean(), {}

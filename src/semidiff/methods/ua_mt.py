@@ -90,6 +90,7 @@ class UAMT(MeanTeacher):
                 for _ in range(o.mc_passes)
             ])
             mask = uncertainty_mask(stack, self.uncertainty_threshold(progress))
+            target = self.corrupt_soft_pseudo(target)  # noise benchmark: the target, not the mask
         mse = softmax_mse(student_logits, target)
         loss = (mask * mse).sum() / (mse.shape[1] * mask.sum() + 1e-16)
         return loss, {"mask_ratio": mask.mean()}

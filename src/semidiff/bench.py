@@ -1,0 +1,587 @@
+"""``semidiff bench``: a grid of ordinary training runs, and the report built from them.
+
+A bench config names training configs (one per method row) and the axes of the grid: labeled
+counts, seeds and, optionally, label-noise levels. Every cell is a normal ``semidiff train`` run in
+``BENCH/runs/<cell>``, started in a subprocess so that a crash in one cell cannot take the grid
+down. The grid is resumable: finished cells are skipped and an interrupted cell continues from its
+``last`` checkpoint. After every cell the report (tables, figures, costs) is rebuilt from what is
+on disk, so :func:`write_report` alone (``semidiff report``) reproduces it without training.
+
+Data flow: bench YAML -> :class:`BenchSpec` -> :func:`grid_cells` -> runs on disk ->
+:func:`collect` -> :func:`write_report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from semidiff.errors import ConfigError
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+CHECKPOINTS = ("last", "best")
+
+
+# ---- the bench config ---------------------------------------------------------------------------
+class BenchMethod(BaseModel):
+    """One row family of the table: a training config (and overrides) under a display name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+-]+$")
+    config: str
+    overrides: list[str] = []
+    #: Labeled counts for this row only (e.g. the fully supervised upper bound); default: the bench's.
+    labeled: list[float] | None = Field(default=None, min_length=1)
+
+
+class BenchSpec(BaseModel):
+    """The ``bench`` section of a bench YAML file.
+
+    Attributes:
+        name: Folder name of the bench under ``output_dir``.
+        methods: The rows; each is a training config path, relative to the bench file's folder.
+        labeled: Labeled counts (in each config's ``data.labeled_unit``).
+        seeds: ``experiment.seed`` values; mean and std in the table are over these.
+        noise: Optional label-noise levels, each a mapping of ``noise`` config keys (e.g.
+            ``{target: pseudo, kind: flip, rate: 0.1}``); ``{}`` is the clean level. Empty list
+            means no noise axis.
+        overrides: Dotted overrides applied to every cell (the shared budget).
+        workers: Cells run at the same time (separate processes).
+        isolation: ``subprocess`` (default: a crashing cell cannot take the grid down, each cell gets a
+            fresh interpreter) or ``in_process`` (no interpreter start-up per cell; one worker only).
+        gpus: CUDA device ids handed out round-robin to the workers (``CUDA_VISIBLE_DEVICES``).
+        qualitative_cases: Validation cases shown in the qualitative panel.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    output_dir: str = "benches"
+    methods: list[BenchMethod] = Field(min_length=1)
+    labeled: list[float] = Field(min_length=1)
+    seeds: list[int] = Field(default=[0], min_length=1)
+    noise: list[dict[str, Any]] = []
+    overrides: list[str] = []
+    workers: int = Field(default=1, ge=1)
+    gpus: list[int] = []
+    isolation: Literal["subprocess", "in_process"] = "subprocess"
+    qualitative_cases: int = Field(default=3, ge=0)
+
+    @model_validator(mode="after")
+    def _in_process_is_serial(self) -> "BenchSpec":
+        if self.isolation == "in_process" and self.workers > 1:
+            raise ValueError("isolation 'in_process' runs one cell at a time; use workers: 1 or 'subprocess'")
+        return self
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_names(cls, v: list[BenchMethod]) -> list[BenchMethod]:
+        names = [m.name for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method names must be unique, got {names}")
+        return v
+
+
+def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[BenchSpec, Path]:
+    """Read and validate a bench YAML file; returns the spec and the folder paths are relative to."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: bench config not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(tree, dict) or "bench" not in tree:
+        raise ConfigError(f"{path}: a bench config needs a top-level 'bench' section")
+    body = tree["bench"]
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("bench."):
+            raise ConfigError(f"bench override {item!r}: expected bench.KEY=VALUE")
+        body[key[len("bench."):]] = yaml.safe_load(value)
+    try:
+        spec = BenchSpec.model_validate(body)
+    except ValidationError as exc:
+        msg = "; ".join(
+            f"bench.{'.'.join(str(p) for p in e['loc'])}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        )
+        raise ConfigError(f"{path}: {msg}") from None
+    base = path.resolve().parent
+    for m in spec.methods:
+        if not (base / m.config).is_file():
+            raise ConfigError(f"{path}: method {m.name!r}: training config {base / m.config} not found")
+    return spec, base
+
+
+# ---- the grid -----------------------------------------------------------------------------------
+def noise_label(level: dict[str, Any]) -> str:
+    """Short, file-name-safe label of a noise level: ``clean``, ``pseudo-flip-0.1``, ``labeled-erode-k2``."""
+    if not level or level.get("target", "none") == "none":
+        return "clean"
+    kind = level.get("kind", "flip")
+    amount = f"k{level['k']}" if kind in ("erode", "dilate") else f"{level.get('rate', 0)}"
+    return f"{level.get('target')}-{kind}-{amount}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    method: str
+    config: Path
+    labeled: float
+    seed: int
+    noise: str
+    overrides: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        base = f"{self.method}_l{self.labeled:g}_s{self.seed}"
+        return base if self.noise == "clean" else f"{base}_{self.noise}"
+
+
+def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
+    """Every cell of the grid, in run order (labeled count, then seed, then noise, then method)."""
+    levels = spec.noise or [{}]
+    cells = []
+    counts = sorted(set(spec.labeled).union(*(m.labeled or [] for m in spec.methods)))
+    for labeled, seed, level, m in itertools.product(counts, spec.seeds, levels, spec.methods):
+        if labeled not in (m.labeled or spec.labeled):
+            continue
+        nlabel = noise_label(level)
+        noise_over = [f"noise.{k}={v}" for k, v in level.items()]
+        cell = Cell(m.name, base / m.config, labeled, seed, nlabel)
+        own = [
+            f"experiment.output_dir={bench_dir / 'runs'}",
+            f"experiment.name={cell.name}",
+            f"experiment.seed={seed}",
+            f"data.labeled={labeled:g}",
+        ]
+        # Later overrides win: shared budget, then the method's own, then the cell's coordinates.
+        cells.append(Cell(m.name, cell.config, labeled, seed, nlabel,
+                          tuple(spec.overrides) + tuple(m.overrides) + tuple(noise_over) + tuple(own)))
+    return cells
+
+
+def cell_done(run_dir: Path) -> bool:
+    """A cell is finished once training ended and its end-of-training evaluation was written."""
+    return (run_dir / "timing.json").is_file() and (run_dir / "eval_val_last" / "summary.json").is_file()
+
+
+def run_cell(cell: Cell, bench_dir: Path, env: dict[str, str] | None = None, in_process: bool = False) -> int:
+    """Train (or continue) one cell; its output goes to ``BENCH/logs/<cell>.log``; returns the exit code."""
+    log_dir = bench_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # --resume continues from last.ckpt when there is one and starts fresh otherwise.
+    args = ["train", str(cell.config), *cell.overrides, "train.progress_bar=false", "--resume"]
+    cmd = [sys.executable, "-m", "semidiff", *args]
+    with open(log_dir / f"{cell.name}.log", "a") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log.flush()
+        if not in_process:
+            return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        from semidiff.cli import main
+
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return main(args)
+
+
+def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> int:
+    """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
+    spec, base = load_bench(config, overrides)
+    bench_dir = Path(spec.output_dir) / spec.name
+    if not Path(spec.output_dir).is_absolute():
+        bench_dir = Path.cwd() / bench_dir
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    (bench_dir / "bench.yaml").write_text(yaml.safe_dump(
+        {"bench": {**spec.model_dump(mode="json"), "methods": [
+            {**m.model_dump(mode="json"), "config": str(base / m.config)} for m in spec.methods]}},
+        sort_keys=False))
+    cells = grid_cells(spec, base, bench_dir)
+    todo = [c for c in cells if not cell_done(bench_dir / "runs" / c.name)]
+    log(f"bench {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
+        f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}")
+    lock, failures = threading.Lock(), []
+    started = time.time()
+
+    def work(i_cell: tuple[int, Cell]) -> None:
+        i, cell = i_cell
+        env = dict(os.environ)
+        if spec.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(spec.gpus[i % len(spec.gpus)])
+        t0 = time.time()
+        rc = run_cell(cell, bench_dir, env, in_process=spec.isolation == "in_process")
+        with lock:
+            state = "done" if rc == 0 and cell_done(bench_dir / "runs" / cell.name) else f"FAILED (exit {rc})"
+            if not state.startswith("done"):
+                failures.append(cell.name)
+            log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {state} in {time.time() - t0:.0f} s "
+                f"(log: {bench_dir / 'logs' / (cell.name + '.log')})")
+            write_report(bench_dir, log=lambda _m: None)
+
+    with ThreadPoolExecutor(max_workers=spec.workers) as pool:
+        list(pool.map(work, enumerate(todo)))
+    timing = {"wall_seconds_this_invocation": round(time.time() - started, 1), "cells": len(cells),
+              "cells_run": len(todo), "failed": failures}
+    (bench_dir / "bench_timing.json").write_text(json.dumps(timing, indent=1))
+    write_report(bench_dir, log=log)
+    if failures:
+        log(f"{len(failures)} cell(s) failed: {', '.join(failures)}; rerun the same command to retry them")
+    return len(failures)
+
+
+# ---- collecting finished runs -------------------------------------------------------------------
+@dataclass
+class CellResult:
+    """What the report needs from one finished run."""
+
+    method: str
+    labeled: float
+    seed: int
+    noise: str
+    run_dir: Path
+    summaries: dict[str, dict]  # checkpoint -> summary.json
+    timing: dict
+    class_names: list[str]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _cell_result(run: Path, method: str, labeled: float, seed: int, noise: str) -> CellResult:
+    sums = {w: s for w in CHECKPOINTS if (s := _read_json(run / f"eval_val_{w}" / "summary.json"))}
+    names = list(next(iter(sums.values()))["per_class"])
+    return CellResult(method, labeled, seed, noise, run, sums, _read_json(run / "timing.json") or {}, names)
+
+
+def collect(target: Path) -> list[CellResult]:
+    """Finished runs of a bench folder (its saved ``bench.yaml``), of one run folder, or of a folder of runs."""
+    target = Path(target)
+    if (target / "bench.yaml").is_file():
+        spec, base = load_bench(target / "bench.yaml")
+        return [_cell_result(target / "runs" / c.name, c.method, c.labeled, c.seed, c.noise)
+                for c in grid_cells(spec, base, target) if cell_done(target / "runs" / c.name)]
+    runs = [target] if (target / "config.yaml").is_file() else sorted(
+        d for d in target.iterdir() if (d / "config.yaml").is_file()) if target.is_dir() else []
+    if not runs:
+        raise ConfigError(f"{target}: neither a bench folder (bench.yaml), a run folder (config.yaml) "
+                          "nor a folder of run folders")
+    results = []
+    for run in runs:
+        if not cell_done(run):
+            continue
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        noise = noise_label(cfg.get("noise") or {})
+        results.append(_cell_result(run, cfg["method"]["name"], float(cfg["data"]["labeled"]),
+                                    int(cfg["experiment"]["seed"]), noise))
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) of finite values."""
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(results: list[CellResult]) -> list[dict]:
+    """One row per (method, labeled, noise, checkpoint): mean and std over seeds of every metric."""
+    groups: dict[tuple, list[CellResult]] = {}
+    for r in results:
+        groups.setdefault((r.method, r.labeled, r.noise), []).append(r)
+    order = {m: i for i, m in enumerate(dict.fromkeys(r.method for r in results))}
+    rows = []
+    for (method, labeled, noise), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], order[kv[0][0]])):
+        for which in CHECKPOINTS:
+            have = [r for r in rs if which in r.summaries]
+            if not have:
+                continue
+            row: dict[str, Any] = {"method": method, "labeled": labeled, "noise": noise, "checkpoint": which,
+                                   "seeds": sorted(r.seed for r in have)}
+            for metric in METRICS:
+                row[metric] = mean_std([r.summaries[which]["mean"][metric] for r in have])
+                for cname in have[0].class_names:
+                    row[f"{metric}/{cname}"] = mean_std(
+                        [r.summaries[which]["per_class"][cname][metric]["mean"] for r in have])
+            row["s_per_step"] = mean_std([r.timing["wall_seconds"] / r.timing["steps"] for r in have
+                                          if r.timing.get("steps")])
+            row["peak_mib"] = mean_std([r.timing.get("peak_memory_mib") for r in have])
+            row["infer_s_per_case"] = mean_std(
+                [r.summaries[which]["protocol"].get("inference_seconds_per_case") for r in have])
+            row["class_names"] = have[0].class_names
+            row["labeled_text"] = have[0].summaries[which]["protocol"].get("labeled", f"{labeled:g}")
+            rows.append(row)
+    return rows
+
+
+# ---- the report ---------------------------------------------------------------------------------
+def _fmt(ms: tuple[float, float], digits: int) -> str:
+    m, s = ms
+    if not np.isfinite(m):
+        return "n/a"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
+    """The header every table carries: what was measured, how, where and with what software."""
+    import lightning
+    import monai
+    import torch
+
+    protos = [r.summaries[w]["protocol"] for r in results for w in r.summaries]
+
+    def values(key: str) -> str:
+        return " / ".join(sorted({str(p.get(key)) for p in protos})) or "n/a"
+
+    return [
+        f"- bench: `{bench_dir.name}` ({len(results)} finished runs)",
+        f"- dataset: {values('dataset')}",
+        f"- split: {values('split')} ({values('cases')} cases)",
+        f"- labeled: {values('labeled')}",
+        f"- budget: {values('budget')}",
+        f"- inference: {values('inference')}; post-processing: {values('post_processing')}",
+        f"- units: {values('units')} (Dice/Jaccard in [0, 1]; HD95/ASD in {values('units')}); "
+        f"empty-mask rule: {values('empty_rule')}",
+        f"- seeds: {', '.join(str(s) for s in sorted({r.seed for r in results}))}; "
+        "cells show mean ± sample std (ddof=1) over seeds of the per-run means over cases",
+        "- checkpoints: `last` = end of training; `best` = best mean validation Dice "
+        "(selected on the reported split: optimistic)",
+        f"- machine: {values('machine')}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"monai {monai.__version__}, lightning {lightning.__version__}, semidiff {values('semidiff')}",
+        f"- dates: {values('date')}",
+        "- cost: s/step = training wall time / steps (validation included); peak memory = peak RSS "
+        "(CPU) or peak CUDA allocation; inference s/case over the validation split",
+    ]
+
+
+def write_tables(rows: list[dict], header: list[str], out: Path) -> None:
+    """``table.md`` (readable) and ``table.csv`` (every number, long form)."""
+    lines = ["# Bench results", "", "## Protocol", "", *header, "", "## Accuracy", ""]
+    noise_axis = len({r["noise"] for r in rows}) > 1
+    cols = ["method", "labeled"] + (["noise"] if noise_axis else []) + [
+        "ckpt", "seeds", "Dice", "per-class Dice", "Jaccard", "HD95", "ASD"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        per_class = ", ".join(f"{c} {_fmt(r[f'dice/{c}'], 3)}" for c in r["class_names"])
+        cells = [r["method"], f"{r['labeled']:g}"] + ([r["noise"]] if noise_axis else []) + [
+            r["checkpoint"], str(len(r["seeds"])), _fmt(r["dice"], 4), per_class, _fmt(r["jaccard"], 4),
+            _fmt(r["hd95"], 2), _fmt(r["asd"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Cost", "", "| method | labeled | s/step | peak memory (MiB) | inference s/case |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        if r["checkpoint"] == "last" and r["noise"] in ("clean", rows[0]["noise"]):
+            lines.append(f"| {r['method']} | {r['labeled']:g} | {_fmt(r['s_per_step'], 3)} | "
+                         f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['infer_s_per_case'], 3)} |")
+    lines += ["", "Figures: `dice_vs_labeled.png`, `per_class.png`, `curves.png`, `qualitative.png`"
+              + (", `dice_vs_noise.png`" if noise_axis else "") + "."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "labeled", "noise", "checkpoint", "n_seeds", "metric", "class", "mean", "std"])
+        for r in rows:
+            for metric in METRICS:
+                for cname in [None, *r["class_names"]]:
+                    m, s = r[metric] if cname is None else r[f"{metric}/{cname}"]
+                    w.writerow([r["method"], f"{r['labeled']:g}", r["noise"], r["checkpoint"], len(r["seeds"]),
+                                metric, cname or "mean", f"{m:.6g}", f"{s:.6g}"])
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str) -> None:
+    """Mean Dice (last checkpoint, error bar = std over seeds) against labeled count or noise level."""
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    rows = [r for r in rows if r["checkpoint"] == "last"]
+    # A row trained at a count no other row uses (the all-labels upper bound) is a reference line.
+    by_method: dict[str, set] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], set()).add(r[axis])
+    reference = {m for m, xs in by_method.items() if axis == "labeled" and len(xs) == 1
+                 and not any(xs & other for o, other in by_method.items() if o != m)}
+    for i, method in enumerate(sorted(reference)):
+        r = next(r for r in rows if r["method"] == method)
+        ax.axhline(r["dice"][0], color="0.3", ls=["--", ":", "-."][i % 3], lw=1,
+                   label=f"{method} ({r[axis]:g}): {r['dice'][0]:.3f}")
+    rows = [r for r in rows if r["method"] not in reference]
+    xs_all = list(dict.fromkeys(r[axis] for r in rows))
+    if axis == "labeled":
+        xs_all = sorted(xs_all)
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = [(xs_all.index(r[axis]), r["dice"]) for r in rows if r["method"] == method
+               and (axis == "noise" or r["noise"] == rows[0]["noise"])]
+        if not pts:
+            continue
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
+                    marker="o", capsize=3, label=method)
+    ax.set_xticks(range(len(xs_all)), [f"{x:g}" if isinstance(x, float) else str(x) for x in xs_all])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean Dice (validation, last checkpoint)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(out_file)
+
+
+def plot_per_class(rows: list[dict], out_file: Path) -> None:
+    """Per-class Dice bars, one panel per labeled count, one bar group per class."""
+    rows = [r for r in rows if r["checkpoint"] == "last" and r["noise"] == rows[0]["noise"]]
+    counts = sorted({r["labeled"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    classes = rows[0]["class_names"]
+    fig = _figure(4.5 * len(counts), 3.8)
+    width = 0.8 / max(1, len(methods))
+    for i, n in enumerate(counts):
+        ax = fig.add_subplot(1, len(counts), i + 1)
+        for j, method in enumerate(methods):
+            r = next((r for r in rows if r["method"] == method and r["labeled"] == n), None)
+            if r is None:
+                continue
+            ax.bar(np.arange(len(classes)) + j * width, [r[f"dice/{c}"][0] for c in classes], width,
+                   yerr=[r[f"dice/{c}"][1] for c in classes], capsize=2, label=method)
+        ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes)
+        ax.set_ylim(0, 1)
+        ax.set_title(next(r["labeled_text"] for r in rows if r["labeled"] == n), fontsize=9)
+        ax.set_ylabel("Dice")
+        ax.grid(axis="y", alpha=0.3)
+    fig.axes[0].legend(fontsize=7)
+    fig.savefig(out_file)
+
+
+def _read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Logged scalars (``train/loss``, ``val/dice_mean``) over steps from every CSV log version."""
+    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/dice_mean": []}
+    for f in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(f) as fh:
+            for rec in csv.DictReader(fh):
+                for key in curves:
+                    if rec.get(key) not in (None, ""):
+                        curves[key].append((int(rec["step"]), float(rec[key])))
+    return {k: sorted(dict(v).items()) for k, v in curves.items()}
+
+
+def plot_curves(results: list[CellResult], out_file: Path) -> None:
+    """Training loss and validation Dice against step for every run (colour = method)."""
+    from matplotlib import colormaps
+
+    fig = _figure(11, 4)
+    ax_loss, ax_dice = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    methods = list(dict.fromkeys(r.method for r in results))
+    colours = colormaps["tab10"]
+    styles = ["-", "--", ":", "-."]
+    counts = sorted({r.labeled for r in results})
+    for r in results:
+        c = _read_curves(r.run_dir)
+        colour, style = colours(methods.index(r.method) % 10), styles[counts.index(r.labeled) % 4]
+        label = f"{r.method}, {r.labeled:g} labeled" if r.seed == min(x.seed for x in results) else None
+        if c["train/loss"]:
+            steps, vals = zip(*c["train/loss"])
+            ax_loss.plot(steps, vals, style, color=colour, alpha=0.7, lw=0.8, label=label)
+        if c["val/dice_mean"]:
+            steps, vals = zip(*c["val/dice_mean"])
+            ax_dice.plot(steps, vals, style, color=colour, marker="o", ms=3, label=label)
+    ax_loss.set(xlabel="step", ylabel="training loss (total)", yscale="log", title="training loss")
+    ax_dice.set(xlabel="step", ylabel="mean Dice", title="validation Dice")
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+    handles, labels = ax_dice.get_legend_handles_labels() or ax_loss.get_legend_handles_labels()
+    if not handles:
+        handles, labels = ax_loss.get_legend_handles_labels()
+    ax_dice.legend(handles, labels, fontsize=7)
+    fig.savefig(out_file)
+
+
+def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) -> bool:
+    """Image, truth and each method's prediction on the same validation slices (first seed, fewest labels).
+
+    Uses the ``overlay_slices.npz`` that evaluation writes; returns False when there is none.
+    """
+    from semidiff.evaluation.figures import overlay_rgb
+
+    if max_cases == 0 or not results:
+        return False
+    n = min(r.labeled for r in results)
+    seed = min(r.seed for r in results)
+    chosen = {}
+    for r in results:
+        if r.labeled == n and r.seed == seed and r.noise == results[0].noise and r.method not in chosen:
+            f = r.run_dir / "eval_val_last" / "overlay_slices.npz"
+            if f.is_file():
+                chosen[r.method] = np.load(f)
+    if not chosen:
+        return False
+    first = next(iter(chosen.values()))
+    cases = [k[len("image/"):] for k in first.files if k.startswith("image/")][:max_cases]
+    ncol = 2 + len(chosen)
+    fig = _figure(2.2 * ncol, 2.3 * len(cases) + 0.4)
+    fig.suptitle(f"validation slices, {n:g} labeled, seed {seed}, last checkpoint", fontsize=9)
+    for i, case in enumerate(cases):
+        image, truth = first[f"image/{case}"], first[f"truth/{case}"]
+        panels = [("image", overlay_rgb(image, None)), ("truth", overlay_rgb(image, truth))]
+        panels += [(m, overlay_rgb(image, z[f"pred/{case}"])) for m, z in chosen.items() if f"pred/{case}" in z]
+        for j, (title, rgb) in enumerate(panels):
+            ax = fig.add_subplot(len(cases), ncol, i * ncol + j + 1)
+            ax.imshow(rgb)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(case, fontsize=7)
+    fig.savefig(out_file)
+    return True
+
+
+def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Rebuild tables and figures of a bench folder from its finished runs; returns ``table.md``."""
+    bench_dir = Path(target)
+    results = collect(bench_dir)
+    if not results:
+        raise ConfigError(f"{bench_dir}: no finished runs yet (a run is finished once timing.json and "
+                          "eval_val_last/ exist)")
+    rows = aggregate(results)
+    write_tables(rows, protocol_lines(results, bench_dir), bench_dir)
+    plot_dice_vs(rows, "labeled", bench_dir / "dice_vs_labeled.png", "labeled count")
+    plot_per_class(rows, bench_dir / "per_class.png")
+    if len({r["noise"] for r in rows}) > 1:
+        plot_dice_vs(rows, "noise", bench_dir / "dice_vs_noise.png", "label-noise level")
+    plot_curves(results, bench_dir / "curves.png")
+    plot_qualitative(results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir))
+    log(f"report of {len(results)} runs: {bench_dir / 'table.md'}")
+    return bench_dir / "table.md"
+
+
+def _qualitative_cases(target: Path) -> int:
+    if not (target / "bench.yaml").is_file():
+        return BenchSpec.model_fields["qualitative_cases"].default
+    spec, _ = load_bench(target / "bench.yaml")
+    return spec.qualitative_cases

@@ -1,0 +1,324 @@
+"""``semidiff export``: a trained network as TorchScript and/or ONNX, verified, self-describing.
+
+What is exported is the network whose softmax :meth:`Method.predict` returns (``Method.export_net``:
+the student of the baselines, CPS's network A, CS of Diff-CL), wrapped so that the exported graph
+maps images ``(N, C, *patch)`` to class probabilities ``(N, num_classes, *patch)`` in fp32. Methods
+whose prediction is not one network's output (an ensemble, a sampler) are refused.
+
+The batch axis is dynamic; the spatial size is the training patch (``data.patch_size``), which is
+all the prediction path ever feeds the network: 2D images are resized to it, volumes go slice by
+slice or through windows of that size. Everything ``semidiff predict`` needs besides the weights
+(patch size, normalisation, axis order, class count, inference mode, resampling) travels inside the
+file: the run's full resolved config as the TorchScript extra file ``semidiff.json``, or as the
+ONNX metadata entry ``semidiff``.
+
+Each file is checked right after it is written: the exported model and the PyTorch method are run
+on the same random batch, and the export fails (and its file is removed) when the largest absolute
+difference of the probabilities exceeds the tolerance (1e-4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from semidiff.config import Config, config_from_dict
+from semidiff.errors import SemidiffError
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "ExportResult",
+    "ExportedModel",
+    "ProbabilityNet",
+    "export_checkpoint",
+    "is_exported_file",
+    "load_exported",
+]
+
+EXPORT_FORMATS = ("torchscript", "onnx")
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+#: TorchScript extra-file name and ONNX metadata key holding the export's description.
+METADATA_KEY = "semidiff.json"
+ONNX_METADATA_KEY = "semidiff"
+#: Largest absolute difference of probabilities accepted between export and PyTorch.
+DEFAULT_TOLERANCE = 1e-4
+ONNX_OPSET = 17
+
+
+class ProbabilityNet(nn.Module):
+    """``softmax(net(x))`` over the class axis, in fp32: what ``Method.predict`` returns."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: Tensor) -> Tensor:
+        return torch.softmax(self.net(image).float(), dim=1)
+
+
+@dataclass
+class ExportResult:
+    """One exported file and how closely it reproduces PyTorch."""
+
+    format: str
+    path: Path
+    max_abs_diff: float
+
+
+def is_exported_file(path: str | Path) -> bool:
+    """Whether ``path`` names an exported model (``.pt`` TorchScript or ``.onnx``)."""
+    return Path(path).suffix.lower() in (".pt", ".onnx")
+
+
+def _output_paths(checkpoint: Path, formats: list[str], out: str | Path | None) -> dict[str, Path]:
+    if out is None:
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        base = run_dir / "export" / checkpoint.stem
+        return {f: base.with_name(base.name + SUFFIX[f]) for f in formats}
+    out = Path(out)
+    if len(formats) == 1:
+        fmt = formats[0]
+        return {fmt: out if out.suffix.lower() == SUFFIX[fmt] else out.with_name(out.name + SUFFIX[fmt])}
+    stem = out.with_suffix("") if out.suffix.lower() in SUFFIX.values() else out
+    return {f: stem.with_name(stem.name + SUFFIX[f]) for f in formats}
+
+
+def _metadata(cfg: Config, checkpoint: Path, step: int, method: str) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "method": method,
+        "checkpoint": str(checkpoint),
+        "step": step,
+        "input": {"channels": cfg.model.in_channels, "spatial_size": list(cfg.data.patch_size),
+                  "dtype": "float32", "batch": "dynamic"},
+        "output": f"softmax probabilities (N, {cfg.model.num_classes}, *spatial_size)",
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _random_batch(cfg: Config, batch: int, seed: int) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, cfg.model.in_channels, *cfg.data.patch_size), generator=gen)
+
+
+def _replace_into(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)  # no half-written export is ever visible under the final name
+
+
+def _export_torchscript(head: nn.Module, example: Tensor, path: Path, metadata: dict) -> None:
+    with warnings.catch_warnings():
+        # The shape checks and padding arithmetic of the nets are constants for the patch size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # TorchScript is deprecated in favour of torch.export but still the one format that
+        # `torch.jit.load` runs anywhere without Python code; the warning is not actionable here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(head, example, check_trace=False)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(traced, str(tmp), _extra_files={METADATA_KEY: json.dumps(metadata)})
+        _replace_into(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise SemidiffError(
+            f"ONNX export and ONNX prediction need the optional packages onnx and onnxruntime "
+            f"({exc.name} is missing): pip install 'semidiff[export]'"
+        ) from None
+    import onnx
+
+    return onnx
+
+
+def _export_onnx(head: nn.Module, example: Tensor, path: Path, metadata: dict) -> None:
+    onnx = _import_onnx()
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_kwargs = {"input_names": ["image"], "output_names": ["probs"], "opset_version": ONNX_OPSET}
+            try:
+                # The TorchScript-based exporter: fast, and a dynamic batch axis by name.
+                torch.onnx.export(head, (example,), str(tmp), dynamo=False,
+                                  dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}}, **export_kwargs)
+            except (TypeError, RuntimeError, ValueError):
+                # torch versions without it: the torch.export-based exporter.
+                batch = torch.export.Dim("batch", min=1, max=4096)
+                torch.onnx.export(head, (example,), str(tmp), dynamo=True,
+                                  dynamic_shapes=({0: batch},), **export_kwargs)
+        model = onnx.load(str(tmp))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+        _replace_into(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    formats: str | list[str] = "both",
+    out: str | Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    log=print,
+) -> list[ExportResult]:
+    """Export the single network of a checkpoint and verify each file against PyTorch.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``semidiff train``.
+        formats: ``"torchscript"``, ``"onnx"``, ``"both"``, or a list of formats.
+        out: output file (one format) or path stem (both; ``.pt``/``.onnx`` appended); default
+            ``RUN/export/<checkpoint name>.pt|.onnx``.
+        tolerance: largest accepted absolute difference of the probabilities.
+        log: where progress lines go.
+
+    Returns:
+        One :class:`ExportResult` per file.
+
+    Raises:
+        SemidiffError: the method has no single-network output, a package is missing, or an
+            export does not reproduce PyTorch within ``tolerance`` (its file is then removed).
+    """
+    from semidiff.engine.module import load_module
+
+    checkpoint = Path(checkpoint)
+    wanted = list(EXPORT_FORMATS) if formats == "both" else [formats] if isinstance(formats, str) else list(formats)
+    for fmt in wanted:
+        if fmt not in EXPORT_FORMATS:
+            raise SemidiffError(f"export format {fmt!r}: choose torchscript, onnx or both")
+    module = load_module(str(checkpoint))
+    cfg, method = module.cfg, module.method
+    net = method.export_net()
+    if net is None:
+        raise SemidiffError(
+            f"{checkpoint}: method {cfg.method.name!r} (with these options) has no single-network "
+            "output to export; its prediction combines several networks or sampling steps. "
+            "Exportable: supervised, mean_teacher, ua_mt, bcp, cps with eval_model a or b"
+        )
+    if "onnx" in wanted:
+        _import_onnx()  # fail before writing anything
+    method.eval()
+    head = ProbabilityNet(net).eval()
+    metadata = _metadata(cfg, checkpoint, getattr(module, "checkpoint_step", -1), cfg.method.name)
+    paths = _output_paths(checkpoint, wanted, out)
+    example = _random_batch(cfg, 2, seed=0)
+    # A batch size other than the traced one checks that the batch axis really is dynamic.
+    check = _random_batch(cfg, 3, seed=1)
+    with torch.no_grad():
+        reference = method.predict(check).float()
+
+    results = []
+    for fmt, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            (_export_torchscript if fmt == "torchscript" else _export_onnx)(head, example, path, metadata)
+        try:
+            got = load_exported(path).probabilities(check)
+            diff = float((got - reference).abs().max())
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
+        if not diff <= tolerance:
+            path.unlink(missing_ok=True)
+            raise SemidiffError(
+                f"{path}: the {fmt} export differs from PyTorch by {diff:.2e} (> {tolerance:g}); file removed"
+            )
+        log(f"{fmt}: {path}  (max |probability difference| vs PyTorch on a random batch of "
+            f"{check.shape[0]}: {diff:.2e})")
+        results.append(ExportResult(fmt, path, diff))
+    return results
+
+
+class ExportedModel:
+    """An exported file loaded for prediction: its config and a ``predict`` like the method's.
+
+    Attributes:
+        path: the file.
+        format: ``"torchscript"`` or ``"onnx"``.
+        metadata: the description written at export time (config included).
+        cfg: the run's config, with ``train.precision`` set to 32 (the export is fp32).
+    """
+
+    def __init__(self, path: Path, fmt: str, runner, metadata: dict, device: str | torch.device = "cpu"):
+        self.path, self.format, self._runner, self.metadata = path, fmt, runner, metadata
+        self.device = torch.device(device)
+        cfg = config_from_dict(metadata["config"], f"{path} (exported config)")
+        cfg.train.precision = "32"
+        self.cfg = cfg
+        self.spatial_size = tuple(cfg.data.patch_size)
+
+    def probabilities(self, image: Tensor) -> Tensor:
+        """Class probabilities for images ``(N, C, *patch)`` (on the caller's device)."""
+        if tuple(image.shape[2:]) != self.spatial_size:
+            raise SemidiffError(
+                f"{self.path}: exported for inputs of spatial size {self.spatial_size}, got {tuple(image.shape[2:])}"
+            )
+        if self.format == "torchscript":
+            with torch.no_grad():
+                return self._runner(image.float().to(self.device))
+        arr = image.detach().float().cpu().numpy()
+        out = self._runner.run(None, {self._runner.get_inputs()[0].name: np.ascontiguousarray(arr)})[0]
+        return torch.from_numpy(out).to(image.device)
+
+    # The same name as Method.predict, so the prediction path takes either.
+    predict = probabilities
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> ExportedModel:
+    """Load a ``.pt`` (TorchScript) or ``.onnx`` file written by :func:`export_checkpoint`.
+
+    Raises:
+        SemidiffError: the file is missing, unreadable, or was not written by ``semidiff export``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SemidiffError(f"{path}: exported model not found")
+    suffix = path.suffix.lower()
+    if suffix == ".pt":
+        extra = {METADATA_KEY: ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                runner = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        except Exception as exc:  # noqa: BLE001  corrupt or not TorchScript
+            raise SemidiffError(f"{path}: not a readable TorchScript file ({type(exc).__name__}: "
+                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+        text = extra[METADATA_KEY]
+        runner.eval()
+        fmt = "torchscript"
+    elif suffix == ".onnx":
+        onnx = _import_onnx()
+        import onnxruntime as ort
+
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+            runner = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise SemidiffError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+        text = {p.key: p.value for p in model.metadata_props}.get(ONNX_METADATA_KEY, "")
+        fmt = "onnx"
+    else:
+        raise SemidiffError(f"{path}: not an exported model (expected .pt or .onnx)")
+    if not text:
+        raise SemidiffError(f"{path}: has no semidiff description (not written by `semidiff export`)")
+    try:
+        metadata = json.loads(text if isinstance(text, str) else text.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise SemidiffError(f"{path}: its semidiff description is not valid JSON") from None
+    return ExportedModel(path, fmt, runner, metadata, device=device)

@@ -1,0 +1,461 @@
+"""Diff-CL (Guo et al., arXiv 2503.09408): a diffusion segmenter and a CNN teaching each other.
+
+Two segmenters are trained together (docs/methods.md, section 1; docs/methods/diffcl.md):
+
+- **DS**, a label-diffusion segmenter: ``DS(x, y_t, t)`` predicts the clean label from the image
+  and the noisy one-hot label ``y_t`` (:class:`~semidiff.nets.denoiser.TimeConditionedDenoiser`);
+  it samples label maps by deterministic DDIM (:class:`~semidiff.diffusion.LabelDiffusion`).
+- **CS**, a convolutional segmenter (the V-Net / U-Net of ``model``) with HFM blocks on chosen
+  skip levels (:func:`~semidiff.nets.hfm.add_hfm`) and a projection head for the contrastive loss.
+
+Losses, with ``r(t)`` the sigmoid ramp-up:
+
+``L = L_d_sup + mu1 r(t) L_d_pseudo + L_c_sup + mu2 r(t) (L_c_pseudo + eta L_contrast)``
+
+- ``L_d_sup = seg(DS(x_l, q(Y_l, t), t), Y_l)``, ``L_c_sup = seg(CS(x_l), Y_l)``;
+- DS -> CS: ``yhat_DS = argmax DDIM(DS | x_u)`` with ``pl_steps`` steps, no gradient;
+  ``L_c_pseudo = seg(CS(x_u), yhat_DS)``;
+- CS -> DS: ``yhat_CS = argmax CS(x_u)``, no gradient, noised at a random ``t``;
+  ``L_d_pseudo = seg(DS(x_u, q(yhat_CS, t), t), yhat_CS)``;
+- ``L_contrast``: InfoNCE of projected CS features of class-balanced sampled voxels (unlabeled
+  with the DS pseudo-class, labeled with the true class) against a per-class FIFO memory bank of
+  projected CS features of correctly predicted labeled voxels.
+
+Ablations (``peer``, ``use_hfm``, ``use_contrast``): CS only (``peer: none``); CS+CS cross pseudo
+supervision (``peer: cs``, a second CS in DS's place); DS+CS (``peer: ds``); + HFM; + contrastive;
+full (the default). Test output: ``cs`` (default), ``ds`` (DDIM with ``test_steps``) or ``mean``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from semidiff.diffusion import LabelDiffusion
+from semidiff.errors import ConfigError
+from semidiff.methods.base import (
+    Method,
+    MethodOptions,
+    NetSpec,
+    Progress,
+    register_method,
+)
+from semidiff.methods.common import (
+    RampOptions,
+    build_net,
+    require_unlabeled,
+    softmax_probs,
+)
+from semidiff.methods.losses import seg_loss
+from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
+from semidiff.nets.hfm import add_hfm
+
+__all__ = [
+    "ClassMemoryBank",
+    "DiffCL",
+    "DiffCLOptions",
+    "memory_infonce",
+    "sample_balanced",
+    "sample_per_class",
+]
+
+
+# ---- voxel sampling ----------------------------------------------------------------------------
+def sample_per_class(classes: Tensor, quota: int, num_classes: int) -> Tensor:
+    """Indices of at most ``quota`` random voxels of each class (torch's global RNG).
+
+    Args:
+        classes: ``(N,)`` integer classes (values outside ``[0, num_classes)`` are never drawn).
+        quota: Maximum voxels per class.
+        num_classes: Number of classes.
+
+    Returns:
+        ``(M,)`` long indices into ``classes``, grouped by class.
+    """
+    picked = []
+    for c in range(num_classes):
+        idx = (classes == c).nonzero().squeeze(1)
+        if len(idx) > quota:
+            idx = idx[torch.randperm(len(idx), device=idx.device)[:quota]]
+        picked.append(idx)
+    return torch.cat(picked) if picked else classes.new_zeros(0, dtype=torch.long)
+
+
+def sample_balanced(classes: Tensor, cap: int, num_classes: int) -> Tensor:
+    """Class-balanced sample of at most ``cap`` voxels: an equal quota per class present.
+
+    A class with fewer voxels than its quota gives all of them (the total is then below ``cap``).
+    """
+    present = int((torch.bincount(classes.clamp(0, num_classes - 1), minlength=num_classes) > 0).sum())
+    if present == 0 or cap <= 0:
+        return classes.new_zeros(0, dtype=torch.long)
+    return sample_per_class(classes, max(1, cap // present), num_classes)
+
+
+# ---- memory bank and contrastive loss ----------------------------------------------------------
+class ClassMemoryBank(nn.Module):
+    """A FIFO queue of ``size`` feature vectors per class, stored in buffers (so checkpointed).
+
+    Args:
+        num_classes: Number of classes.
+        size: Entries per class ``K``.
+        dim: Feature width.
+    """
+
+    def __init__(self, num_classes: int, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 1 or dim < 1:
+            raise ConfigError(f"memory bank: size and dim must be positive, got {size!r}, {dim!r}")
+        self.num_classes, self.size, self.dim = num_classes, size, dim
+        self.register_buffer("features", torch.zeros(num_classes, size, dim))
+        self.register_buffer("pointer", torch.zeros(num_classes, dtype=torch.long))  # next slot to write
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.long))  # filled slots
+
+    @torch.no_grad()
+    def push(self, features: Tensor, classes: Tensor) -> None:
+        """Append ``features`` (N, dim) of ``classes`` (N,); the oldest entries make room.
+
+        Stored detached, in float32. Within one call, later rows count as newer; when a class gets
+        more than ``size`` rows only its last ``size`` are kept. All classes are written in one
+        vectorised scatter.
+        """
+        if len(features) == 0:
+            return
+        classes = classes.long().to(self.features.device)
+        features = features.detach().float().to(self.features.device)
+        order = torch.argsort(classes, stable=True)  # group by class, keep arrival order
+        cls = classes[order]
+        n_per_class = torch.bincount(cls, minlength=self.num_classes)
+        first = torch.cumsum(n_per_class, 0) - n_per_class
+        rank = torch.arange(len(cls), device=cls.device) - first[cls]  # arrival rank within its class
+        keep = rank >= n_per_class[cls] - self.size
+        slot = (self.pointer[cls] + rank) % self.size
+        self.features[cls[keep], slot[keep]] = features[order][keep]
+        self.pointer.copy_((self.pointer + n_per_class) % self.size)
+        self.count.copy_(torch.clamp(self.count + n_per_class, max=self.size))
+
+    def valid(self) -> Tensor:
+        """``(num_classes, size)`` bool: which slots hold an entry."""
+        return torch.arange(self.size, device=self.count.device)[None, :] < self.count[:, None]
+
+    def entries(self, c: int) -> Tensor:
+        """Class ``c``'s entries, oldest first ``(count_c, dim)``."""
+        n = int(self.count[c])
+        if n < self.size:
+            return self.features[c, :n]  # not yet wrapped: slots 0..n-1 in order
+        return self.features[c].roll(-int(self.pointer[c]), dims=0)
+
+
+def memory_infonce(anchors: Tensor, anchor_classes: Tensor, memory: Tensor, memory_valid: Tensor,
+                   tau: float) -> Tensor:
+    """Pixel-to-memory InfoNCE (Wang et al., ICCV 2021, "Exploring cross-image pixel contrast").
+
+    For an anchor ``a`` of class ``c``, each valid memory entry ``p`` of class ``c`` is a positive
+    and every valid entry of the other classes a negative (``N``); with cosine similarity ``s``::
+
+        l(a) = mean_p -log( exp(s(a,p)/tau) / (exp(s(a,p)/tau) + sum_{n in N} exp(s(a,n)/tau)) )
+
+    Anchors whose class has no entry, or with no negative at all, are skipped.
+
+    Args:
+        anchors: ``(n, D)`` L2-normalised features (gradient flows through them).
+        anchor_classes: ``(n,)`` integer classes.
+        memory: ``(C, K, D)`` L2-normalised entries.
+        memory_valid: ``(C, K)`` bool, filled slots.
+        tau: Temperature.
+
+    Returns:
+        The mean over the kept anchors (a zero that keeps the graph when none is kept).
+    """
+    num_classes, size, _ = memory.shape
+    keys = memory.reshape(num_classes * size, -1)[memory_valid.reshape(-1)]
+    key_classes = torch.arange(num_classes, device=memory.device).repeat_interleave(size)[memory_valid.reshape(-1)]
+    zero = anchors.sum() * 0.0
+    if len(anchors) == 0 or len(keys) == 0:
+        return zero
+    sim = anchors.float() @ keys.float().t() / tau  # (n, M)
+    positive = anchor_classes[:, None].long() == key_classes[None, :]
+    keep = positive.any(1) & (~positive).any(1)
+    if not bool(keep.any()):
+        return zero
+    sim, positive = sim[keep], positive[keep]
+    neg_lse = torch.logsumexp(sim.masked_fill(positive, float("-inf")), dim=1, keepdim=True)
+    per_positive = torch.logaddexp(sim, neg_lse) - sim  # -log(exp(s_p) / (exp(s_p) + sum_n exp(s_n)))
+    return ((per_positive * positive).sum(1) / positive.sum(1)).mean()
+
+
+# ---- options -----------------------------------------------------------------------------------
+class DiffCLOptions(RampOptions):
+    """``method.options`` of ``diffcl`` (every [default] of docs/methods.md section 1).
+
+    Attributes:
+        peer: Who cross-supervises CS: ``"ds"`` (Diff-CL), ``"cs"`` (a second CS, the CS+CS CPS
+            ablation) or ``"none"`` (CS only).
+        use_hfm: HFM blocks on CS's ``hfm_levels`` skips.
+        use_contrast: The contrastive label propagation term.
+        timesteps: Diffusion steps ``T`` (1000).
+        schedule: MONAI noise schedule (``linear_beta``).
+        beta_start: First beta (1e-4).
+        beta_end: Last beta (0.02).
+        pl_steps: DDIM steps ``S_pl`` for the DS pseudo-labels during training (2).
+        test_steps: DDIM steps ``S`` of the ``ds`` / ``mean`` test outputs (10).
+        ddim_average: DS output = softmax of the ``last`` DDIM step or the ``mean`` over steps.
+        sample_seed: Seed of the initial noise of test-time DDIM (training draws from the engine's
+            per-step seeded RNG).
+        ds_net: DS backbone (``unet2d``, ``vnet``, ``unet3d``); None: the same family as
+            ``model.net``.
+        ds_net_options: Options of the DS backbone; None: ``model.net_options``.
+        ds_time_dim: Width of DS's sinusoidal timestep embedding (MLP hidden width 4x).
+        hfm_levels: CS skip levels with an HFM block (0 = full resolution, -1 = bottleneck).
+        hfm_radius: Relative half-width ``r`` of the removed low-frequency box (0.25).
+        hfm_backend: Mamba back end: ``auto`` (mamba_ssm on CUDA when importable, else mambapy),
+            ``mambapy`` or ``mamba_ssm``.
+        hfm_bidirectional: Forward plus reversed scan (True) or forward only.
+        hfm_share_directions: One Mamba for both scan directions.
+        hfm_dim: Token width inside the Mamba; None = the skip's channels.
+        hfm_d_state, hfm_expand, hfm_d_conv: Mamba state size, expansion, conv width.
+        proj_dim: Output width of the projection head (64).
+        proj_hidden: Hidden width of the 2-layer projection MLP.
+        bank_size: Memory entries per class ``K`` (256).
+        bank_push: Correctly predicted labeled voxels added per class per step (at most).
+        tau: InfoNCE temperature (0.1).
+        contrast_voxels: Sampled anchor voxels per set (unlabeled, labeled), class-balanced (4096).
+        contrast_labeled: Also contrast labeled voxels with their true class.
+        mu1: Weight of ``L_d_pseudo`` (times the ramp).
+        mu2: Weight of ``L_c_pseudo + eta L_contrast`` (times the ramp).
+        eta: Weight of ``L_contrast`` inside CS's unlabeled loss (0.1).
+        test_output: What :meth:`DiffCL.predict` returns by default: ``cs``, ``ds`` or ``mean``.
+    """
+
+    peer: Literal["ds", "cs", "none"] = "ds"
+    use_hfm: bool = True
+    use_contrast: bool = True
+
+    timesteps: int = Field(default=1000, ge=2)
+    schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    pl_steps: int = Field(default=2, ge=1)
+    test_steps: int = Field(default=10, ge=1)
+    ddim_average: Literal["last", "mean"] = "last"
+    sample_seed: int = 0
+
+    ds_net: str | None = None
+    ds_net_options: dict[str, Any] | None = None
+    ds_time_dim: int = Field(default=64, ge=2)
+
+    hfm_levels: list[int] = Field(default_factory=lambda: [2, 3])
+    hfm_radius: float = Field(default=0.25, ge=0.0, le=0.5)
+    hfm_backend: Literal["auto", "mambapy", "mamba_ssm"] = "auto"
+    hfm_bidirectional: bool = True
+    hfm_share_directions: bool = False
+    hfm_dim: int | None = Field(default=None, ge=1)
+    hfm_d_state: int = Field(default=16, ge=1)
+    hfm_expand: int = Field(default=2, ge=1)
+    hfm_d_conv: int = Field(default=4, ge=1)
+
+    proj_dim: int = Field(default=64, ge=1)
+    proj_hidden: int = Field(default=64, ge=1)
+    bank_size: int = Field(default=256, ge=1)
+    bank_push: int = Field(default=64, ge=1)
+    tau: float = Field(default=0.1, gt=0.0)
+    contrast_voxels: int = Field(default=4096, ge=1)
+    contrast_labeled: bool = True
+
+    mu1: float = Field(default=1.0, ge=0.0)
+    mu2: float = Field(default=1.0, ge=0.0)
+    eta: float = Field(default=0.1, ge=0.0)
+
+    test_output: Literal["cs", "ds", "mean"] = "cs"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiffCLOptions:
+        for name in ("pl_steps", "test_steps"):
+            if getattr(self, name) > self.timesteps:
+                raise ValueError(f"{name} ({getattr(self, name)}) cannot exceed timesteps ({self.timesteps})")
+        if self.peer != "ds" and self.test_output == "ds":
+            raise ValueError(f"test_output 'ds' needs peer 'ds' (peer is {self.peer!r})")
+        if self.peer == "none" and self.test_output == "mean":
+            raise ValueError("test_output 'mean' needs a peer network (peer 'ds' or 'cs')")
+        return self
+
+
+# ---- the method --------------------------------------------------------------------------------
+@register_method("diffcl")
+class DiffCL(Method):
+    """Diff-CL: DS and CS with cross pseudo supervision, HFM and contrastive label propagation."""
+
+    Options = DiffCLOptions
+    options: DiffCLOptions
+    uses_unlabeled = True
+    outputs: ClassVar[tuple[str, ...]] = ("cs", "ds", "mean")
+
+    def __init__(self, net: NetSpec, options: MethodOptions) -> None:
+        super().__init__(net, options)
+        o = self.options
+        self.num_classes = net.num_classes
+        self.cs = self._build_cs(net)
+        self.cs_peer: nn.Module | None = self._build_cs(net) if o.peer == "cs" else None  # other init draw
+        self.ds: TimeConditionedDenoiser | None = None
+        if o.peer == "ds":
+            self.ds = create_denoiser(
+                o.ds_net or net.name, net.in_channels, net.num_classes, time_dim=o.ds_time_dim,
+                **(net.options if o.ds_net_options is None else o.ds_net_options),
+            )
+        # Every forward process and DDIM call goes through LabelDiffusion (MONAI schedulers).
+        self.diffusion = LabelDiffusion(net.num_classes, o.timesteps, o.schedule, o.beta_start, o.beta_end)
+        self.proj_head: nn.Module | None = None
+        self.bank: ClassMemoryBank | None = None
+        if o.use_contrast:
+            feat = self.cs.feature_channels
+            self.proj_head = nn.Sequential(nn.Linear(feat, o.proj_hidden), nn.ReLU(inplace=True),
+                                           nn.Linear(o.proj_hidden, o.proj_dim))
+            self.bank = ClassMemoryBank(net.num_classes, o.bank_size, o.proj_dim)
+
+    def _build_cs(self, net: NetSpec) -> nn.Module:
+        o = self.options
+        cs = build_net(net)
+        if o.use_hfm:
+            cs = add_hfm(cs, o.hfm_levels, radius=o.hfm_radius, backend=o.hfm_backend,
+                         bidirectional=o.hfm_bidirectional, share_directions=o.hfm_share_directions,
+                         dim=o.hfm_dim, d_state=o.hfm_d_state, expand=o.hfm_expand, d_conv=o.hfm_d_conv)
+        return cs
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def sample_ds(self, image: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:
+        """DS class probabilities for ``image`` by deterministic DDIM with ``steps`` steps (no grad)."""
+        if self.ds is None:
+            raise ConfigError("method.options.peer: the 'ds' output needs the diffusion segmenter (peer: ds)")
+        ds = self.ds
+        shape = (image.shape[0], self.num_classes, *image.shape[2:])
+        return self.diffusion.ddim_sample(lambda y, t: ds(image, y, t), shape, steps, device=image.device,
+                                          generator=generator, average=self.options.ddim_average)
+
+    def project(self, features: Tensor, index: Tensor) -> Tensor:
+        """L2-normalised projections of the voxels ``index`` of ``features`` (B, F, *spatial)."""
+        assert self.proj_head is not None
+        flat = features.movedim(1, -1).reshape(-1, features.shape[1])
+        return F.normalize(self.proj_head(flat[index]).float(), dim=1)
+
+    def _contrast(self, features: Tensor, logits: Tensor, y_l: Tensor, pseudo_u: Tensor | None,
+                  n_l: int) -> tuple[dict[str, Tensor], tuple[Tensor, Tensor]]:
+        """Contrastive terms and the (features, classes) to push to the bank after the step."""
+        o, bank = self.options, self.bank
+        assert bank is not None
+        memory, valid = bank.features, bank.valid()
+        parts: dict[str, Tensor] = {}
+        if pseudo_u is not None:
+            cls_u = pseudo_u.reshape(-1)
+            idx = sample_balanced(cls_u, o.contrast_voxels, self.num_classes)
+            parts["loss_contrast_u"] = memory_infonce(self.project(features[n_l:], idx), cls_u[idx], memory, valid, o.tau)
+        if o.contrast_labeled or pseudo_u is None:
+            cls_l = y_l.reshape(-1).long()
+            idx = sample_balanced(cls_l, o.contrast_voxels, self.num_classes)
+            parts["loss_contrast_l"] = memory_infonce(self.project(features[:n_l], idx), cls_l[idx], memory, valid, o.tau)
+        parts["loss_contrast"] = sum(parts.values())  # type: ignore[assignment]
+        # Memory candidates: labeled voxels CS predicts correctly, projected without gradient.
+        with torch.no_grad():
+            truth = y_l.reshape(-1).long()
+            correct = logits[:n_l].detach().argmax(1).reshape(-1) == truth
+            cand = torch.where(correct, truth, torch.full_like(truth, -1))  # -1 is never drawn
+            idx = sample_per_class(cand, o.bank_push, self.num_classes)
+            push = (self.project(features[:n_l].detach(), idx), truth[idx])
+        return parts, push
+
+    # ---- the contract ----------------------------------------------------------------------
+    def training_step(self, labeled, unlabeled, progress: Progress) -> dict[str, Tensor]:
+        o = self.options
+        x_l, y_l = labeled["image"], labeled["label"]
+        n_l = len(x_l)
+        x_u = require_unlabeled(unlabeled, self.name) if o.peer != "none" else None
+        x = x_l if x_u is None else torch.cat([x_l, x_u])
+        ramp = o.ramp(progress)
+        mu1, mu2 = o.mu1 * ramp, o.mu2 * ramp
+
+        logits_cs, features = self.cs(x, return_features=True)
+        parts: dict[str, Tensor] = {"loss_c_sup": seg_loss(logits_cs[:n_l], y_l)}
+        loss = parts["loss_c_sup"]
+        pseudo_u: Tensor | None = None  # the peer's hard labels of the unlabeled images
+        if x_u is not None:
+            # CS's own hard labels for its peer (no gradient through them).
+            plab_cs = self.corrupt_pseudo(logits_cs[n_l:].detach().argmax(1, keepdim=True))
+            if o.peer == "ds":
+                assert self.ds is not None
+                # DS -> CS: DDIM pseudo-labels with S_pl steps (sample_ds runs without gradient).
+                pseudo_u = self.corrupt_pseudo(self.sample_ds(x_u, o.pl_steps).argmax(1, keepdim=True))
+                # DS on labeled (true label) and unlabeled (CS's label) images in one pass.
+                target = torch.cat([y_l.long(), plab_cs])
+                t = self.diffusion.sample_timesteps(len(x), x.device)
+                y_t, _ = self.diffusion.q_sample(self.diffusion.encode(target), t)
+                logits_ds = self.ds(x, y_t, t)
+                parts["loss_d_sup"] = seg_loss(logits_ds[:n_l], y_l)
+                parts["loss_d_pseudo"] = seg_loss(logits_ds[n_l:], plab_cs)
+                peer_sup, peer_pseudo = "loss_d_sup", "loss_d_pseudo"
+            else:  # a second CS in DS's place (the CS+CS ablation); its losses mirror DS's
+                assert self.cs_peer is not None
+                logits_peer = self.cs_peer(x)
+                pseudo_u = self.corrupt_pseudo(logits_peer[n_l:].detach().argmax(1, keepdim=True))
+                parts["loss_peer_sup"] = seg_loss(logits_peer[:n_l], y_l)
+                parts["loss_peer_pseudo"] = seg_loss(logits_peer[n_l:], plab_cs)
+                peer_sup, peer_pseudo = "loss_peer_sup", "loss_peer_pseudo"
+            parts["loss_c_pseudo"] = seg_loss(logits_cs[n_l:], pseudo_u)
+            loss = loss + parts[peer_sup] + mu1 * parts[peer_pseudo] + mu2 * parts["loss_c_pseudo"]
+
+        push = None
+        if o.use_contrast:
+            contrast, push = self._contrast(features, logits_cs, y_l, pseudo_u, n_l)
+            parts.update(contrast)
+            loss = loss + mu2 * o.eta * parts["loss_contrast"]
+        if push is not None:
+            # After the loss, so a step never contrasts against its own voxels. Done here rather
+            # than in on_step_end, so a checkpoint written between the two cannot lose the entries.
+            assert self.bank is not None
+            self.bank.push(*push)
+            parts["bank_fill"] = self.bank.count.float().mean() / self.bank.size
+
+        out = {"loss": loss}
+        out.update({k: v.detach() for k, v in parts.items()})
+        out["mu"] = torch.tensor(mu2, device=loss.device)
+        return out
+
+    @property
+    def default_output(self) -> str:
+        """The output :meth:`predict` gives when none is named (``test_output``)."""
+        return self.options.test_output
+
+    @torch.no_grad()
+    def predict(self, image: Tensor, output: str | None = None) -> Tensor:
+        """Class probabilities from CS, from DS (DDIM, ``test_steps``) or their mean.
+
+        Args:
+            image: ``(B, C, *spatial)``.
+            output: ``"cs"``, ``"ds"`` or ``"mean"``; None: ``test_output``. With ``peer: cs``,
+                ``"mean"`` averages the two CS networks.
+
+        Raises:
+            ConfigError: The output needs a network this variant does not have.
+        """
+        o = self.options
+        output = output or o.test_output
+        if output not in self.outputs:
+            raise ConfigError(f"diffcl: unknown output {output!r}; choose one of {', '.join(self.outputs)}")
+        if output == "cs":
+            return softmax_probs(self.cs, image)
+        if output == "mean" and self.cs_peer is not None:
+            return 0.5 * (softmax_probs(self.cs, image) + softmax_probs(self.cs_peer, image))
+        if self.ds is None:
+            need = "the diffusion segmenter (peer: ds)" if output == "ds" else "a peer network (peer: ds or cs)"
+            raise ConfigError(f"diffcl: output {output!r} needs {need}; this run has method.options.peer: {o.peer}")
+        # A fixed seed per call: the same image always gets the same DS prediction.
+        ds_probs = self.sample_ds(image, o.test_steps, torch.Generator().manual_seed(o.sample_seed))
+        if output == "ds":
+            return ds_probs
+        return 0.5 * (softmax_probs(self.cs, image) + ds_probs)
+
+    def export_net(self) -> nn.Module | None:
+        """CS when it alone gives the default prediction; None for the DS or mean outputs."""
+        return self.cs if self.options.test_output == "cs" else None

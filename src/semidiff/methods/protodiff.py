@@ -1,0 +1,566 @@
+"""ProtoDiff: label diffusion in a learned latent, anchored by class prototypes (Xi et al., 2507.16429).
+
+Only the abstract of the paper is public; this is the reconstruction of docs/methods.md, section 2
+(the method as built, choice by choice, is in docs/methods/protodiff.md). Per training step:
+
+1. **Teacher** (EMA of the student, decay 0.99), no gradient: latent DDIM (``pseudo_label_steps``
+   steps, mean softmax over the steps) on the labeled images and the weak view of the unlabeled
+   ones (the data pipeline's augmentation). Pseudo-labels = argmax, confidence = max probability.
+   The hidden map ``h`` of its last step gives the prototype updates and the consistency targets.
+2. **Strong view** of the unlabeled images: intensity jitter, Gaussian blur, CutMix. CutMix's
+   geometry (a block pasted from the previous item of the batch) is applied to the pseudo-labels,
+   the confidences and the teacher's hidden map as well.
+3. **Student** on ``concat(labeled, strong)`` with the diffusion target ``z_t`` noised from the
+   label latent of the ground truth (labeled) or of the pseudo-label (unlabeled) at a random ``t``:
+   ``L_sup = seg(logits_l, y)``, ``L_u = seg(logits_u, yhat | conf >= 0.95)``.
+4. **Prototype contrastive consistency** on the student's normalised hidden map: class-balanced
+   pixel-to-prototype InfoNCE (true classes, weight 1, on labeled pixels; pseudo-classes weighted
+   by confidence on unlabeled pixels) plus ``KL(teacher || student)`` of the prototype-similarity
+   distributions (teacher on the weak view, student on the strong one).
+5. ``L = L_sup + lambda_u r(t) L_u + lambda_p r(t) L_proto``; during the warm-up only ``L_sup``.
+6. After the optimiser step (:meth:`ProtoDiff.on_step_end`): EMA teacher, then the prototypes move
+   towards the class means of the teacher's normalised labeled features (optionally also confident
+   unlabeled ones, with a lower weight).
+
+Prediction: latent DDIM with ``sampling_steps`` (3) steps from a seeded ``z_T``, mean softmax.
+The latent DDIM is :meth:`LabelDiffusion.ddim_sample` with an ``x0_transform`` that re-embeds the
+predicted class map; nothing here re-implements a sampler.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import GaussianFilter
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor
+
+from semidiff.diffusion.label_diffusion import LabelDiffusion
+from semidiff.errors import ConfigError
+from semidiff.methods.base import (
+    Method,
+    MethodOptions,
+    NetSpec,
+    Progress,
+    all_reduce_sum,
+    register_method,
+)
+from semidiff.methods.common import (
+    RampOptions,
+    TeacherOptions,
+    block_mask,
+    ema_update,
+    make_ema_copy,
+    mix,
+    require_unlabeled,
+)
+from semidiff.methods.losses import seg_loss
+from semidiff.nets import create_net
+from semidiff.nets.protodiff_net import ProtoDiffNet
+
+__all__ = [
+    "NET_NAME",
+    "ProtoDiff",
+    "ProtoDiffOptions",
+    "class_feature_sums",
+    "cutmix",
+    "intensity_jitter",
+    "prototype_infonce",
+    "prototype_kl",
+    "random_blur",
+    "update_prototypes",
+]
+
+#: The network this method builds (``model.net``); ``model.net_options`` go to its factory.
+NET_NAME = "protodiff_net"
+#: Network options the method sets itself (from the patch size and from its own options).
+_RESERVED_NET_OPTIONS = ("spatial_dims", "label_scale")
+
+
+# ---- strong view --------------------------------------------------------------------------------
+def _per_item(x: Tensor) -> tuple[int, ...]:
+    """Shape broadcasting one value per batch item over (B, C, *spatial)."""
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def intensity_jitter(x: Tensor, contrast: float, brightness: float) -> Tensor:
+    """Random contrast and brightness per image: ``(x - mean) * c + mean + b * std``.
+
+    ``c ~ U(1 - contrast, 1 + contrast)`` and ``b ~ U(-brightness, brightness)``; the shift is in
+    units of the image's own standard deviation, so it means the same on min-max scaled (ACDC) and
+    z-scored (LA) images.
+    """
+    if contrast <= 0 and brightness <= 0:
+        return x
+    dims = tuple(range(1, x.ndim))
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    c = 1.0 + contrast * (2.0 * torch.rand(_per_item(x), device=x.device) - 1.0)
+    b = brightness * (2.0 * torch.rand(_per_item(x), device=x.device) - 1.0)
+    return (x - mean) * c + mean + b * std
+
+
+def random_blur(x: Tensor, prob: float, sigma_range: tuple[float, float]) -> Tensor:
+    """Gaussian blur (MONAI ``GaussianFilter``) of each image with probability ``prob``.
+
+    ``sigma ~ U(sigma_range)`` in voxels, one per image, the same on every axis.
+    """
+    if prob <= 0:
+        return x
+    spatial_dims = x.ndim - 2
+    chosen = torch.rand(len(x)) < prob
+    sigmas = torch.empty(len(x)).uniform_(*sigma_range)
+    out = [
+        GaussianFilter(spatial_dims, float(s)).to(x.device)(x[i : i + 1]) if bool(c) else x[i : i + 1]
+        for i, (c, s) in enumerate(zip(chosen, sigmas))
+    ]
+    return torch.cat(out)
+
+
+def cutmix(values: Tensor, mask: Tensor | None) -> Tensor:
+    """CutMix within a batch: item ``i`` gets the block ``mask`` from item ``i - 1`` (cyclically).
+
+    Apply the same call (same ``mask``) to images, pseudo-labels, confidences and feature maps so
+    the geometry is identical for all of them.
+
+    Args:
+        values: (B, k, *spatial) images, labels or maps (any dtype).
+        mask: (1, 1, *spatial) 0/1 block mask (:func:`block_mask`) on ``values``' grid, or None
+            (no CutMix this step: ``values`` unchanged).
+    """
+    if mask is None:
+        return values
+    return mix(values.roll(1, dims=0), values, mask)
+
+
+# ---- prototypes ---------------------------------------------------------------------------------
+def _flatten_pixels(features: Tensor) -> Tensor:
+    """(B, D, *spatial) -> (B * prod(spatial), D)."""
+    return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+def class_feature_sums(
+    features: Tensor, labels: Tensor, weights: Tensor, num_classes: int
+) -> tuple[Tensor, Tensor]:
+    """Weighted per-class sums of L2-normalised pixel features.
+
+    Args:
+        features: (B, D, *spatial) features (normalised here along D).
+        labels: (B, 1, *spatial) integer classes on the same grid.
+        weights: (B, 1, *spatial) non-negative pixel weights (0 excludes a pixel).
+        num_classes: ``C``.
+
+    Returns:
+        ``(sums, totals)``: (C, D) weighted sums of the unit features and (C,) total weights.
+    """
+    f = _flatten_pixels(F.normalize(features.detach().float(), dim=1))
+    y = labels.reshape(-1).long()
+    w = weights.reshape(-1).float()
+    sums = torch.zeros(num_classes, f.shape[1], device=f.device).index_add_(0, y, f * w[:, None])
+    totals = torch.zeros(num_classes, device=f.device).index_add_(0, y, w)
+    return sums, totals
+
+
+def update_prototypes(
+    prototypes: Tensor, ready: Tensor, sums: Tensor, totals: Tensor, momentum: float
+) -> tuple[Tensor, Tensor]:
+    """EMA update of L2-normalised class prototypes from per-class feature sums.
+
+    For each class with pixels (``totals > 0``): ``m = normalize(sums / totals)`` (the normalised
+    mean direction), then ``p <- normalize(momentum * p + (1 - momentum) * m)``; a class seen for
+    the first time starts at ``p = m``. Classes without pixels keep their prototype.
+
+    Args:
+        prototypes: (C, D) current prototypes (unit rows where ``ready``).
+        ready: (C,) bool, which prototypes have been initialised.
+        sums, totals: Output of :func:`class_feature_sums`.
+        momentum: EMA momentum (0.99 by default; 0.999 is slower).
+
+    Returns:
+        ``(prototypes, ready)``, new tensors.
+    """
+    present = totals > 0
+    mean = F.normalize(sums / totals.clamp_min(1e-12)[:, None], dim=1)
+    moved = F.normalize(momentum * prototypes + (1.0 - momentum) * mean, dim=1)
+    new = torch.where(ready[:, None], moved, mean)
+    return torch.where(present[:, None], new, prototypes), ready | present
+
+
+def prototype_infonce(
+    features: Tensor,
+    labels: Tensor,
+    weights: Tensor,
+    prototypes: Tensor,
+    ready: Tensor,
+    temperature: float,
+    pixels_per_class: int | None,
+) -> Tensor:
+    """Class-balanced, weighted pixel-to-prototype InfoNCE.
+
+    For a pixel ``i`` of class ``c`` with unit feature ``f_i``:
+    ``l_i = -log( exp(f_i . p_c / tau) / sum_k exp(f_i . p_k / tau) )`` over the initialised
+    prototypes. At most ``pixels_per_class`` pixels per class are sampled uniformly (global RNG);
+    the loss is the weighted mean over each class's pixels, then the plain mean over the classes
+    present, so a small class counts as much as the background.
+
+    Args:
+        features: (B, D, *spatial) pixel features (normalised here).
+        labels: (B, 1, *spatial) integer classes.
+        weights: (B, 1, *spatial) pixel weights (1 for ground truth, the confidence for
+            pseudo-labels, 0 to exclude).
+        prototypes: (C, D) unit prototypes.
+        ready: (C,) bool; uninitialised prototypes are neither positives nor negatives.
+        temperature: ``tau`` (0.1).
+        pixels_per_class: Sampling cap per class (None: all pixels).
+
+    Returns:
+        Scalar loss (0 with a graph to ``features`` when no pixel of an initialised class exists).
+    """
+    f = _flatten_pixels(features)
+    y = labels.reshape(-1).long()
+    w = weights.reshape(-1).float()
+    keep = ready[y] & (w > 0)
+    per_class: list[Tensor] = []
+    for c in torch.nonzero(ready).flatten().tolist():
+        idx = torch.nonzero(keep & (y == c)).flatten()
+        if idx.numel() == 0:
+            continue
+        if pixels_per_class is not None and idx.numel() > pixels_per_class:
+            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:pixels_per_class]]
+        sims = F.normalize(f[idx].float(), dim=1) @ prototypes.t() / temperature
+        sims = sims.masked_fill(~ready[None, :], float("-inf"))
+        nll = F.cross_entropy(sims, y[idx], reduction="none")
+        per_class.append((nll * w[idx]).sum() / w[idx].sum())
+    if not per_class:
+        return features.sum() * 0.0
+    return torch.stack(per_class).mean()
+
+
+def prototype_kl(
+    student_features: Tensor, teacher_features: Tensor, prototypes: Tensor, ready: Tensor, temperature: float
+) -> Tensor:
+    """Mean over pixels of ``KL(q_teacher || q_student)``, ``q = softmax(normalize(h) . P / tau)``.
+
+    Only initialised prototypes enter the distributions; with fewer than two the KL is 0.
+
+    Args:
+        student_features: (B, D, *spatial) student hidden map (strong view).
+        teacher_features: (B, D, *spatial) teacher hidden map (weak view, same geometry).
+        prototypes: (C, D) unit prototypes.
+        ready: (C,) bool.
+        temperature: ``tau``.
+    """
+    if int(ready.sum()) < 2:
+        return student_features.sum() * 0.0
+    p = prototypes[ready]
+    s = F.normalize(_flatten_pixels(student_features).float(), dim=1) @ p.t() / temperature
+    t = F.normalize(_flatten_pixels(teacher_features.detach()).float(), dim=1) @ p.t() / temperature
+    return F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
+
+
+# ---- options ------------------------------------------------------------------------------------
+class ProtoDiffOptions(TeacherOptions, RampOptions):
+    """``method.options`` of ``protodiff``; every [default] of methods.md section 2 is one here.
+
+    Attributes:
+        num_train_timesteps: Diffusion steps ``T`` (1000).
+        schedule: MONAI noise schedule of the forward process on ``z0`` (``"cosine"``).
+        label_scale: Scale ``s`` of the label latent ``z0 = s (2 sigmoid(E[y]) - 1)`` (DDP: 0.01).
+        sampling_steps: DDIM steps ``S`` of :meth:`ProtoDiff.predict` (3).
+        pseudo_label_steps: DDIM steps of the teacher's pseudo-labels; None uses
+            ``sampling_steps``.
+        sample_seed: Seed of ``z_T`` in :meth:`ProtoDiff.predict`, so evaluation is repeatable.
+        confidence_threshold: Unlabeled pixels below it are ignored in ``L_u`` (0.95).
+        lambda_u: Weight of ``L_u`` (1.0), ramped by ``r(t)``.
+        lambda_p: Weight of ``L_proto`` (0.1), ramped by ``r(t)``.
+        warmup: Supervised-only steps before the unlabeled terms and the prototypes start: an
+            integer number of steps or a float fraction of ``train.max_steps`` (0.1).
+        jitter_contrast: Strong view: contrast factor drawn from ``1 +- jitter_contrast``.
+        jitter_brightness: Strong view: shift drawn from ``+- jitter_brightness`` image stds.
+        blur_prob: Strong view: probability of a Gaussian blur per image.
+        blur_sigma: Strong view: blur sigma range in voxels.
+        cutmix_prob: Probability of CutMix in a step.
+        cutmix_ratio: CutMix block side as a fraction of each axis.
+        prototype_loss: ``"both"`` (InfoNCE + consistency), ``"infonce"``, ``"consistency"`` or
+            ``"none"`` (no prototype term, no prototypes): the ablation switch.
+        prototype_momentum: EMA momentum of the prototypes (0.99; the paper's range 0.99-0.999).
+        prototype_unlabeled_weight: Weight of confident unlabeled pixels (teacher's pseudo-label,
+            confidence above ``confidence_threshold``) in the prototype update; 0 uses labeled
+            pixels only.
+        temperature: ``tau`` of the InfoNCE and of the similarity distributions (0.1).
+        consistency_weight: Weight of the KL term inside ``L_proto`` (InfoNCE has weight 1).
+        pixels_per_class: Class-balanced sampling cap of the InfoNCE per class and step.
+    """
+
+    num_train_timesteps: int = Field(default=1000, ge=2)
+    schedule: str = "cosine"
+    label_scale: float = Field(default=0.01, gt=0.0)
+    sampling_steps: int = Field(default=3, ge=1)
+    pseudo_label_steps: int | None = Field(default=None, ge=1)
+    sample_seed: int = 0
+    confidence_threshold: float = Field(default=0.95, ge=0.0, le=1.0)
+    lambda_u: float = Field(default=1.0, ge=0.0)
+    lambda_p: float = Field(default=0.1, ge=0.0)
+    warmup: int | float = 0.1
+    jitter_contrast: float = Field(default=0.2, ge=0.0, lt=1.0)
+    jitter_brightness: float = Field(default=0.1, ge=0.0)
+    blur_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    cutmix_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    cutmix_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    prototype_loss: Literal["both", "infonce", "consistency", "none"] = "both"
+    prototype_momentum: float = Field(default=0.99, ge=0.0, lt=1.0)
+    prototype_unlabeled_weight: float = Field(default=0.0, ge=0.0)
+    temperature: float = Field(default=0.1, gt=0.0)
+    consistency_weight: float = Field(default=1.0, ge=0.0)
+    pixels_per_class: int | None = Field(default=512, ge=1)
+
+    @field_validator("warmup")
+    @classmethod
+    def _check_warmup(cls, v: float) -> int | float:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError("a float is a fraction of train.max_steps in [0, 1]; give steps as an integer")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _check_sigma(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError("needs 0 < low <= high")
+        return v
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> ProtoDiffOptions:
+        for name in ("sampling_steps", "pseudo_label_steps"):
+            value = getattr(self, name)
+            if value is not None and value > self.num_train_timesteps:
+                raise ValueError(f"{name} ({value}) exceeds num_train_timesteps ({self.num_train_timesteps})")
+        return self
+
+    def warmup_length(self, max_steps: int) -> int:
+        """The warm-up length in steps."""
+        return round(self.warmup * max_steps) if isinstance(self.warmup, float) else self.warmup
+
+    @property
+    def uses_infonce(self) -> bool:
+        return self.prototype_loss in ("both", "infonce")
+
+    @property
+    def uses_consistency(self) -> bool:
+        return self.prototype_loss in ("both", "consistency")
+
+
+# ---- the method ---------------------------------------------------------------------------------
+@register_method("protodiff")
+class ProtoDiff(Method):
+    """Latent label diffusion + EMA teacher + prototype contrastive consistency (module docstring).
+
+    Builds its own network: ``model.net`` must be ``protodiff_net`` and ``model.net_options`` are
+    that network's options (:class:`~semidiff.nets.protodiff_net.ProtoDiffNet`), except
+    ``spatial_dims`` (from the patch size) and ``label_scale`` (the method option).
+
+    Buffers (saved in checkpoints): ``prototypes`` (C, D) and ``prototype_ready`` (C,).
+    """
+
+    Options = ProtoDiffOptions
+    options: ProtoDiffOptions
+    uses_unlabeled = True
+    #: ``predict`` outputs: DDIM with ``sampling_steps`` steps (the default), or with 1, 3, 5 steps.
+    outputs: ClassVar[tuple[str, ...]] = ("ddim", "ddim_s1", "ddim_s3", "ddim_s5")
+
+    def __init__(self, net: NetSpec, options: MethodOptions) -> None:
+        super().__init__(net, options)
+        o = self.options
+        if net.name != NET_NAME:
+            raise ConfigError(f"model.net: method 'protodiff' builds its own network; set it to {NET_NAME!r} "
+                              f"(got {net.name!r})")
+        reserved = sorted(set(net.options) & set(_RESERVED_NET_OPTIONS))
+        if reserved:
+            raise ConfigError(f"model.net_options: {', '.join(reserved)} set by method 'protodiff' "
+                              "(spatial_dims from data.patch_size, label_scale from method.options); remove it")
+        self.student: ProtoDiffNet = create_net(  # type: ignore[assignment]
+            NET_NAME, net.in_channels, net.num_classes, spatial_dims=net.spatial_dims,
+            label_scale=o.label_scale, **net.options,
+        )
+        self.teacher: ProtoDiffNet = make_ema_copy(self.student)  # type: ignore[assignment]
+        self.diffusion = LabelDiffusion(net.num_classes, o.num_train_timesteps, schedule=o.schedule)
+        dim = self.student.feature_channels
+        self.register_buffer("prototypes", torch.zeros(net.num_classes, dim))
+        self.register_buffer("prototype_ready", torch.zeros(net.num_classes, dtype=torch.bool))
+        # Per-class sums from the last training step, applied after the optimiser step.
+        self._pending: tuple[Tensor, Tensor] | None = None
+
+    # ---- diffusion -----------------------------------------------------------------------------
+    def noisy_latent(self, net: ProtoDiffNet, label: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_t, t)``: the label latent of ``label`` noised at uniform random timesteps."""
+        z0 = net.embed(label)
+        t = self.diffusion.sample_timesteps(len(label), label.device)
+        z_t, _ = self.diffusion.q_sample(z0, t)
+        return z_t, t
+
+    @torch.no_grad()
+    def sample(
+        self, net: ProtoDiffNet, image: Tensor, steps: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Latent DDIM: mean softmax over ``steps`` steps and the last step's hidden map.
+
+        The image is encoded once; each step decodes ``F`` with the current ``z_t`` and the
+        predicted class map (argmax of the logits) is re-embedded as the x0 estimate.
+
+        Args:
+            net: The student or the teacher.
+            image: (B, C_in, *spatial).
+            steps: DDIM steps ``S``.
+            generator: RNG of ``z_T`` (None: torch's global RNG).
+
+        Returns:
+            ``(probs, hidden)``: (B, C, *spatial) probabilities and ``h`` of the last step.
+        """
+        encoded = net.encode(image)
+        last: dict[str, Tensor] = {}
+
+        def denoise(z_t: Tensor, t: Tensor) -> Tensor:
+            logits, hidden = net.decode(encoded, z_t, t)
+            last["hidden"] = hidden
+            return logits
+
+        def reembed(logits: Tensor) -> Tensor:
+            return net.embed(logits.argmax(dim=1, keepdim=True))
+
+        shape = (len(image), net.embed_dim, *net.latent_shape(image.shape[2:]))
+        probs = self.diffusion.ddim_sample(denoise, shape, steps, device=image.device, generator=generator,
+                                           x0_transform=reembed, average="mean")
+        return probs, last["hidden"]  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def predict(self, image: Tensor, output: str | None = None) -> Tensor:
+        """Class probabilities by latent DDIM, ``z_T`` seeded by ``sample_seed``.
+
+        Args:
+            image: (B, C_in, *spatial).
+            output: ``"ddim"`` or None: ``sampling_steps`` steps; ``"ddim_s1"``, ``"ddim_s3"``,
+                ``"ddim_s5"``: that many steps, so one checkpoint reports Dice against ``S``
+                (``semidiff eval RUN --output ddim_s5``).
+
+        Raises:
+            ConfigError: ``output`` is not one of :attr:`outputs`.
+        """
+        if output is None or output == "ddim":
+            steps = self.options.sampling_steps
+        elif output in self.outputs:
+            steps = int(output.removeprefix("ddim_s"))
+        else:
+            raise ConfigError(f"protodiff: unknown output {output!r}; choose one of {', '.join(self.outputs)}")
+        net = self.teacher if self.options.eval_model == "teacher" else self.student
+        generator = torch.Generator().manual_seed(self.options.sample_seed)
+        probs, _ = self.sample(net, image, steps, generator)
+        return probs
+
+    # ---- strong view ---------------------------------------------------------------------------
+    def strong_view(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Intensity jitter and blur of ``images``, then CutMix; returns the mask for the maps.
+
+        Returns:
+            ``(strong images, mask)``; apply :func:`cutmix` with ``mask`` (resized to their grid)
+            to every map that must follow the geometry. ``mask`` is None when CutMix is skipped.
+        """
+        o = self.options
+        x = random_blur(intensity_jitter(images, o.jitter_contrast, o.jitter_brightness), o.blur_prob, o.blur_sigma)
+        mask = None
+        if o.cutmix_prob > 0 and float(torch.rand(())) < o.cutmix_prob:
+            mask = block_mask(images.shape[2:], o.cutmix_ratio, images.device)
+        return cutmix(x, mask), mask
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_step(self, labeled, unlabeled, progress: Progress) -> dict[str, Tensor]:
+        o = self.options
+        x_l, y_l = labeled["image"], labeled["label"].long()
+        x_u = require_unlabeled(unlabeled, self.name)
+        n_l = len(x_l)
+        self._pending = None
+        if progress.step < o.warmup_length(progress.max_steps):
+            z_t, t = self.noisy_latent(self.student, y_l)
+            logits, _ = self.student(x_l, z_t, t)
+            loss_sup = seg_loss(logits, y_l)
+            zero = torch.zeros((), device=loss_sup.device)
+            return {"loss": loss_sup, "loss_sup": loss_sup.detach(), "loss_unsup": zero, "loss_proto": zero,
+                    "loss_nce": zero, "loss_cons": zero, "u_weight": zero, "p_weight": zero,
+                    "conf_ratio": zero, "prototypes_ready": self.prototype_ready.sum().float()}
+
+        net, grid = self.student, self.student.to_hidden_grid
+        # 1. Teacher on labeled + weak unlabeled views.
+        with torch.no_grad():
+            steps = o.pseudo_label_steps or o.sampling_steps
+            probs_t, hidden_t = self.sample(self.teacher, torch.cat([x_l, x_u]), steps)
+            conf_u, plab_u = probs_t[n_l:].max(dim=1, keepdim=True)
+            plab_u = self.corrupt_pseudo(plab_u)  # noise benchmark (identity unless noise.target: pseudo)
+        # 2. Strong view; CutMix geometry follows on pseudo-labels, confidences, teacher features.
+        x_s, mask = self.strong_view(x_u)
+        plab_s, conf_s = cutmix(plab_u, mask), cutmix(conf_u, mask)
+        hidden_mask = None if mask is None else (grid(mask) > 0.5).float()
+        hidden_t_s = cutmix(hidden_t[n_l:], hidden_mask)
+        # 3. Student on labeled + strong views, diffusion targets from ground truth / pseudo-labels.
+        z_t, t = self.noisy_latent(net, torch.cat([y_l, plab_s]))
+        logits, hidden_s = net(torch.cat([x_l, x_s]), z_t, t)
+        loss_sup = seg_loss(logits[:n_l], y_l)
+        confident = (conf_s >= o.confidence_threshold).float()
+        loss_unsup = seg_loss(logits[n_l:], plab_s, confident)
+        # 4. Prototype terms on the hidden grid.
+        zero = torch.zeros((), device=loss_sup.device)
+        loss_nce, loss_cons = zero, zero
+        ready = self.prototype_ready.clone()
+        protos = self.prototypes.clone()
+        if o.uses_infonce:
+            labels_h = torch.cat([grid(y_l), grid(plab_s)]).round().long()
+            weights_h = torch.cat([torch.ones_like(grid(y_l)), grid(conf_s)])
+            loss_nce = prototype_infonce(hidden_s, labels_h, weights_h, protos, ready, o.temperature,
+                                         o.pixels_per_class)
+        if o.uses_consistency:
+            loss_cons = prototype_kl(hidden_s[n_l:], hidden_t_s, protos, ready, o.temperature)
+        loss_proto = loss_nce + o.consistency_weight * loss_cons
+        if o.prototype_loss != "none":
+            self._pending = self._prototype_sums(hidden_t, y_l, plab_u, conf_u)
+        # 5. Total.
+        ramp = o.ramp(progress)
+        u_weight, p_weight = o.lambda_u * ramp, o.lambda_p * ramp
+        loss = loss_sup + u_weight * loss_unsup + p_weight * loss_proto
+        return {"loss": loss, "loss_sup": loss_sup.detach(), "loss_unsup": loss_unsup.detach(),
+                "loss_proto": loss_proto.detach(), "loss_nce": loss_nce.detach(), "loss_cons": loss_cons.detach(),
+                "u_weight": torch.tensor(u_weight, device=loss.device),
+                "p_weight": torch.tensor(p_weight, device=loss.device),
+                "conf_ratio": confident.mean().detach(), "prototypes_ready": ready.sum().float()}
+
+    def _prototype_sums(self, hidden_t: Tensor, y_l: Tensor, plab_u: Tensor, conf_u: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-class sums of the teacher's normalised features for the next prototype update."""
+        o, grid, n_l = self.options, self.student.to_hidden_grid, len(y_l)
+        labels = grid(y_l).round().long()
+        weights = torch.ones_like(labels, dtype=torch.float32)
+        if o.prototype_unlabeled_weight > 0:
+            # Unlabeled pixels: the teacher's own (unmixed) pseudo-labels, confident ones only.
+            conf = grid(conf_u)
+            labels = torch.cat([labels, grid(plab_u).round().long()])
+            weights = torch.cat([weights, o.prototype_unlabeled_weight * (conf >= o.confidence_threshold).float()])
+        else:
+            hidden_t = hidden_t[:n_l]
+        return class_feature_sums(hidden_t, labels, weights, self.net_spec.num_classes)
+
+    @torch.no_grad()
+    def apply_prototype_update(self, sums: Tensor, totals: Tensor) -> None:
+        """Move the prototypes towards the class means in ``sums / totals`` (:func:`update_prototypes`)."""
+        # Every DDP process applies the update of the whole global batch, so prototypes stay identical.
+        all_reduce_sum(sums, totals)
+        protos, ready = update_prototypes(self.prototypes, self.prototype_ready, sums, totals,
+                                          self.options.prototype_momentum)
+        self.prototypes.copy_(protos)
+        self.prototype_ready.copy_(ready)
+
+    def on_step_end(self, progress: Progress) -> None:
+        """EMA teacher, then the prototype update prepared by the last training step."""
+        ema_update(self.teacher, self.student, self.options.ema_decay, progress.step)
+        if self._pending is not None:
+            self.apply_prototype_update(*self._pending)
+            self._pending = None

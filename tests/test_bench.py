@@ -1,0 +1,144 @@
+"""`semidiff bench` and `semidiff report`: the grid runs, survives a kill, and its table is exactly
+the per-run metrics aggregated over seeds."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from semidiff.bench import cell_done, collect, load_bench, mean_std, run_bench, write_report
+from semidiff.cli import main
+from semidiff.data.synthetic import make_synthetic_dataset
+from semidiff.errors import ConfigError
+
+
+def _train_config(root: Path, method: str) -> dict:
+    return {
+        "experiment": {"name": "x", "output_dir": "unused", "seed": 0},
+        "data": {"reader": "synthetic", "root": str(root), "labeled": 4, "patch_size": [32, 32]},
+        "model": {"net": "unet2d", "num_classes": 3, "net_options": {"features": [4, 8, 8, 16, 16]}},
+        "method": {"name": method},
+        "train": {"max_steps": 3, "labeled_batch": 2, "unlabeled_batch": 2, "optimizer": "adamw",
+                  "lr": 1e-3, "val_every": 3, "log_every": 1, "accelerator": "cpu", "num_threads": 1},
+        "eval": {"overlay_cases": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def bench_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bench")
+    root = make_synthetic_dataset(d / "data", spatial_dims=2, num_cases=8, size=(32, 32), num_classes=3,
+                                  val_cases=2, seed=0)
+    for m in ("supervised", "mean_teacher"):
+        (d / f"{m}.yaml").write_text(yaml.safe_dump(_train_config(root, m)))
+    bench = {"bench": {"name": "tiny", "output_dir": str(d / "out"),
+                       "methods": [{"name": "sup", "config": "supervised.yaml"},
+                                   {"name": "mt", "config": "mean_teacher.yaml"}],
+                       "labeled": [2, 4], "seeds": [0, 1], "qualitative_cases": 2}}
+    (d / "bench.yaml").write_text(yaml.safe_dump(bench))
+    return d / "bench.yaml"
+
+
+def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_runs(bench_file):
+    bench_dir = bench_file.parent / "out" / "tiny"
+    runs = bench_dir / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "semidiff", "bench", str(bench_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (runs.is_dir() and any(cell_done(r) for r in runs.iterdir())):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the bench and the cell it is training
+    proc.wait()
+    finished = {r.name: (r / "timing.json").stat().st_mtime_ns for r in runs.iterdir() if cell_done(r)}
+    assert finished, "no cell finished before the deadline"
+
+    # Finish in-process (no interpreter start-up per cell, to keep the test short).
+    assert run_bench(bench_file, ["bench.isolation=in_process"], log=lambda _m: None) == 0
+    cells = sorted(r.name for r in runs.iterdir())
+    assert len(cells) == 8 and all(cell_done(runs / c) for c in cells)
+    # Cells finished before the kill were not trained again.
+    for name, mtime in finished.items():
+        assert (runs / name / "timing.json").stat().st_mtime_ns == mtime
+
+    # Every table number is the seed mean/std of the per-run summary files.
+    with open(bench_dir / "table.csv") as f:
+        table = list(csv.DictReader(f))
+    for method in ("sup", "mt"):
+        for labeled in (2, 4):
+            per_run = [json.loads((runs / f"{method}_l{labeled}_s{s}" / "eval_val_last" / "summary.json").read_text())
+                       for s in (0, 1)]
+            want = [r["mean"]["dice"] for r in per_run]
+            row = next(r for r in table if r["method"] == method and r["labeled"] == str(labeled)
+                       and r["checkpoint"] == "last" and r["metric"] == "dice" and r["class"] == "mean")
+            assert float(row["mean"]) == pytest.approx(np.mean(want), rel=1e-5)
+            assert float(row["std"]) == pytest.approx(np.std(want, ddof=1), rel=1e-5, abs=1e-7)
+            assert row["n_seeds"] == "2"
+    text = (bench_dir / "table.md").read_text()
+    assert "## Protocol" in text and "seeds: 0, 1" in text and "empty-mask rule" in text
+    for fig in ("dice_vs_labeled.png", "per_class.png", "curves.png", "qualitative.png"):
+        assert (bench_dir / fig).stat().st_size > 5000, fig
+
+    # `semidiff report` rebuilds the same table from disk alone.
+    before = (bench_dir / "table.csv").read_text()
+    (bench_dir / "table.csv").unlink()
+    assert main(["report", str(bench_dir)]) == 0
+    assert (bench_dir / "table.csv").read_text() == before
+
+
+def _fake_run(run: Path, method: str, labeled: int, seed: int, dice: float, hd95: float) -> None:
+    """A finished run folder with known metrics (what training and evaluation would have written)."""
+    (run / "eval_val_last").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "experiment": {"seed": seed}, "data": {"labeled": labeled}, "method": {"name": method}}))
+    (run / "timing.json").write_text(json.dumps({"wall_seconds": 10.0 * (seed + 1), "steps": 10}))
+    proto = {"dataset": "d", "split": "val", "cases": 2, "labeled": f"{labeled} cases (first)", "budget": "b",
+             "units": "voxels", "empty_rule": "strict", "machine": "m", "semidiff": "0", "date": "now",
+             "inference_seconds_per_case": 0.5}
+    metric = {"dice": dice, "jaccard": dice / 2, "hd95": hd95, "asd": 1.0}
+    per_class = {"fg": {k: {"mean": v} for k, v in metric.items()}}
+    (run / "eval_val_last" / "summary.json").write_text(
+        json.dumps({"protocol": proto, "mean": metric, "per_class": per_class}))
+
+
+def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
+    dices, hds = [0.5, 0.7, 0.9], [4.0, 2.0, 3.0]
+    for s, (d, h) in enumerate(zip(dices, hds)):
+        _fake_run(tmp_path / f"r{s}", "mt", 3, s, d, h)
+    _fake_run(tmp_path / "other", "sup", 3, 0, 0.1, 9.0)
+    write_report(tmp_path, log=lambda _m: None)
+    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    mt = {(r["metric"], r["class"]): (float(r["mean"]), float(r["std"])) for r in rows if r["method"] == "mt"}
+    assert mt[("dice", "mean")] == pytest.approx((0.7, 0.2))  # sample std of 0.5, 0.7, 0.9
+    assert mt[("hd95", "fg")] == pytest.approx((3.0, 1.0))
+    sup = {(r["metric"], r["class"]): float(r["std"]) for r in rows if r["method"] == "sup"}
+    assert sup[("dice", "mean")] == 0.0  # one seed: no spread
+    assert "| mt | 3 | last | 3 | 0.7000 ± 0.2000 |" in (tmp_path / "table.md").read_text()
+    assert len(collect(tmp_path)) == 4
+
+
+def test_mean_std_ignores_missing_values():
+    assert mean_std([1.0, None, 3.0, float("nan")]) == pytest.approx((2.0, np.sqrt(2.0)))
+    m, s = mean_std([])
+    assert np.isnan(m) and np.isnan(s)
+
+
+def test_bad_bench_configs_name_the_problem(tmp_path):
+    f = tmp_path / "b.yaml"
+    f.write_text(yaml.safe_dump({"bench": {"name": "x", "methods": [{"name": "a", "config": "missing.yaml"}],
+                                           "labeled": [3]}}))
+    with pytest.raises(ConfigError, match="missing.yaml.*not found"):
+        load_bench(f)
+    f.write_text(yaml.safe_dump({"bench": {"name": "x", "methods": [], "labeled": [3], "sedes": [1]}}))
+    with pytest.raises(ConfigError, match="bench.sedes: unknown key"):
+        load_bench(f)
+    with pytest.raises(ConfigError, match="not a bench folder|neither"):
+        write_report(tmp_path / "nothing_here")
