@@ -121,7 +121,9 @@ def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
     assert mt[("hd95", "fg")] == pytest.approx((3.0, 1.0))
     sup = {(r["metric"], r["class"]): float(r["std"]) for r in rows if r["method"] == "sup"}
     assert sup[("dice", "mean")] == 0.0  # one seed: no spread
-    assert "| mt | 3 | last | 3 | 0.7000 ± 0.2000 |" in (tmp_path / "table.md").read_text()
+    text = (tmp_path / "table.md").read_text()
+    assert "| mt | 3 | last | 3 | 0.7000 ± 0.2000 |" in text
+    assert "| sup | 3 | last | 1 | 0.1000 |" in text  # one seed: no ± claimed
     assert len(collect(tmp_path)) == 4
 
 

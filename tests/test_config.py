@@ -57,9 +57,11 @@ def test_every_shipped_config_validates():
     assert files
     for f in files:
         if f.parent.name == "bench":
-            from semidiff.bench import load_bench
+            from semidiff.bench import grid_cells, load_bench
 
-            load_bench(f)  # bench grids name training configs, each validated in this loop
+            spec, base = load_bench(f)
+            for cell in grid_cells(spec, base, Path("/nonexistent")):  # each cell's overrides validate too
+                load_config(cell.config, list(cell.overrides))
             continue
         cfg = load_config(f)
         # The form saved in run folders and checkpoints loads back to the identical config.

@@ -339,11 +339,12 @@ def aggregate(results: list[CellResult]) -> list[dict]:
 
 
 # ---- the report ---------------------------------------------------------------------------------
-def _fmt(ms: tuple[float, float], digits: int) -> str:
+def _fmt(ms: tuple[float, float], digits: int, n: int = 2) -> str:
+    """``mean ± std``; the mean alone for a single seed (a std of 0 would claim a spread was measured)."""
     m, s = ms
     if not np.isfinite(m):
         return "n/a"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
@@ -386,17 +387,19 @@ def write_tables(rows: list[dict], header: list[str], out: Path) -> None:
         "ckpt", "seeds", "Dice", "per-class Dice", "Jaccard", "HD95", "ASD"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        per_class = ", ".join(f"{c} {_fmt(r[f'dice/{c}'], 3)}" for c in r["class_names"])
+        n = len(r["seeds"])
+        per_class = ", ".join(f"{c} {_fmt(r[f'dice/{c}'], 3, n)}" for c in r["class_names"])
         cells = [r["method"], f"{r['labeled']:g}"] + ([r["noise"]] if noise_axis else []) + [
-            r["checkpoint"], str(len(r["seeds"])), _fmt(r["dice"], 4), per_class, _fmt(r["jaccard"], 4),
-            _fmt(r["hd95"], 2), _fmt(r["asd"], 2)]
+            r["checkpoint"], str(n), _fmt(r["dice"], 4, n), per_class, _fmt(r["jaccard"], 4, n),
+            _fmt(r["hd95"], 2, n), _fmt(r["asd"], 2, n)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Cost", "", "| method | labeled | s/step | peak memory (MiB) | inference s/case |",
               "|---|---|---|---|---|"]
     for r in rows:
         if r["checkpoint"] == "last" and r["noise"] in ("clean", rows[0]["noise"]):
-            lines.append(f"| {r['method']} | {r['labeled']:g} | {_fmt(r['s_per_step'], 3)} | "
-                         f"{_fmt(r['peak_mib'], 0)} | {_fmt(r['infer_s_per_case'], 3)} |")
+            n = len(r["seeds"])
+            lines.append(f"| {r['method']} | {r['labeled']:g} | {_fmt(r['s_per_step'], 3, n)} | "
+                         f"{_fmt(r['peak_mib'], 0, n)} | {_fmt(r['infer_s_per_case'], 3, n)} |")
     lines += ["", "Figures: `dice_vs_labeled.png`, `per_class.png`, `curves.png`, `qualitative.png`"
               + (", `dice_vs_noise.png`" if noise_axis else "") + "."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
