@@ -319,7 +319,8 @@ def test_training_step_every_part_finite_and_named(dims):
 def test_the_loss_is_the_weighted_sum_of_its_parts():
     method = _method(2, mu1=0.7, mu2=0.4, eta=0.3, rampup_steps=0)
     labeled, unlabeled = _batch(2)
-    method.training_step(labeled, unlabeled, Progress(0, 10))  # fill the bank
+    method.training_step(labeled, unlabeled, Progress(0, 10))
+    method.on_step_end(Progress(1, 10))  # fill the bank
     p = method.training_step(labeled, unlabeled, Progress(1, 10))
     expected = (p["loss_c_sup"] + p["loss_d_sup"] + 0.7 * p["loss_d_pseudo"]
                 + 0.4 * (p["loss_c_pseudo"] + 0.3 * p["loss_contrast"]))
@@ -428,6 +429,7 @@ def test_bank_and_networks_round_trip_through_the_state_dict():
     method = _method(2)
     labeled, unlabeled = _batch(2)
     method.training_step(labeled, unlabeled, Progress(0, 10))
+    method.on_step_end(Progress(1, 10))  # the bank receives the step's candidates here
     state = method.state_dict()
     assert "bank.features" in state and int(state["bank.count"].sum()) > 0
     fresh = _method(2)

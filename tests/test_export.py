@@ -125,3 +125,59 @@ def test_corrupt_exported_file_is_a_clear_error(tmp_path, capsys):
     bad.write_bytes(b"\x00" * 100)
     assert main(["predict", str(bad), str(tmp_path / "a.png"), str(tmp_path / "b.png")]) == 2
     assert "broken.pt: not a readable TorchScript file" in capsys.readouterr().err
+
+
+# ---- Diff-CL: CS with HFM (mambapy) blocks ---------------------------------------------------------
+TINY_DIFFCL = {"timesteps": 20, "pl_steps": 1, "test_steps": 1, "hfm_levels": [2, 3], "hfm_dim": 8, "hfm_d_state": 4,
+               "proj_hidden": 16, "proj_dim": 8, "bank_size": 16, "bank_push": 4, "contrast_voxels": 128,
+               "ds_time_dim": 8}
+
+
+@pytest.fixture(scope="module")
+def diffcl_checkpoint(tmp_path_factory, data2d):
+    return _train(tmp_path_factory.mktemp("dcl"), data2d, "diffcl", "diffcl", TINY_DIFFCL)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 6), (1, 2, 5, 4, 7)])
+@pytest.mark.parametrize("radius", [0.0, 0.1, 0.25, 0.5])
+def test_separable_high_pass_equals_the_fft_high_pass(shape, radius):
+    from semidiff.export import _separable_high_pass
+    from semidiff.nets.hfm import high_pass
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(_separable_high_pass(x, radius), high_pass(x, radius), rtol=0, atol=2e-6)
+
+
+def test_diffcl_cs_with_hfm_exports_to_both_formats(tmp_path, diffcl_checkpoint):
+    pytest.importorskip("onnxruntime")
+    import mambapy.mamba
+    import mambapy.pscan
+
+    from semidiff.nets import hfm
+
+    module = load_module(str(diffcl_checkpoint))
+    blocks = [m for m in module.method.cs.modules() if isinstance(m, hfm.HFMBlock)]
+    assert len(blocks) == 2 and module.method.options.test_output == "cs"
+    results = export_checkpoint(diffcl_checkpoint, "both", tmp_path / "cs", log=lambda *_: None)
+    assert [r.format for r in results] == ["torchscript", "onnx"]
+    x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = module.method.predict(x)  # test_output cs: CS's softmax, through the FFT and the parallel scan
+    for r in results:
+        got = load_exported(r.path).predict(x)
+        assert float((got - ref).abs().max()) <= 1e-4, r.format
+    # The export swapped HFM's pieces for exportable ones only while it ran.
+    assert hfm.high_pass.__module__ == "semidiff.nets.hfm"
+    assert mambapy.mamba.pscan is mambapy.pscan.pscan  # the autograd Function again
+
+
+def test_diffcl_with_a_sampled_output_is_refused(tmp_path, diffcl_checkpoint, capsys):
+    ckpt = torch.load(diffcl_checkpoint, weights_only=False)
+    ckpt["hyper_parameters"]["config"]["method"]["options"]["test_output"] = "ds"
+    ds_checkpoint = tmp_path / "ds.ckpt"
+    torch.save(ckpt, ds_checkpoint)
+    assert load_module(str(ds_checkpoint)).method.export_net() is None
+    assert main(["export", str(ds_checkpoint), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "test_output is 'ds'" in err and "DDIM sampling" in err and "test_output: cs" in err
+    assert not list(tmp_path.glob("x*"))

@@ -105,6 +105,12 @@ class TrainConfig(_Section):
     deterministic: bool = False
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None: torch's default)")
     progress_bar: bool = True
+    nonfinite: Literal["stop", "skip"] = Field(
+        default="stop",
+        description="a step whose loss (or a loss part) is NaN/Inf: stop the run naming the step and part, "
+        "or skip it (no optimizer step, no EMA/bank/prototype update; counted as train/skipped_steps)",
+    )
+    max_skips: int = Field(default=100, ge=0, description="nonfinite: skip: stop once more steps than this were skipped")
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -19,8 +19,11 @@ difference of the probabilities exceeds the tolerance (1e-4).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +105,80 @@ def _metadata(cfg: Config, checkpoint: Path, step: int, method: str) -> dict[str
         "output": f"softmax probabilities (N, {cfg.model.num_classes}, *spatial_size)",
         "config": cfg.model_dump(mode="json"),
     }
+
+
+# ---- HFM (Diff-CL's CS) in an exportable form ------------------------------------------------------
+# Two pieces of the HFM block cannot be exported as they run in training: mambapy's parallel scan is
+# a Python autograd Function (a trace records it as a Python call TorchScript cannot save), and
+# the FFT high-pass uses torch.fft.fftfreq and complex tensors (no ONNX translation). While
+# exporting, both are swapped for plain tensor code that computes the same values; the export is
+# then checked against the unmodified PyTorch path like every other (1e-4).
+class _NoBackward:
+    """Stands in for autograd's ``ctx``: an export runs the forward pass only."""
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        pass
+
+
+def _pscan_forward_only(A: Tensor, X: Tensor) -> Tensor:
+    """mambapy's parallel scan without its autograd Function wrapper (same tensor operations)."""
+    from mambapy.pscan import PScan
+
+    return PScan.forward(_NoBackward(), A, X)
+
+
+@functools.lru_cache(maxsize=64)
+def _low_pass_matrix(size: int, radius: float) -> Tensor:
+    """The real ``(size, size)`` matrix of the 1D ideal low-pass that HFM's box mask applies per axis.
+
+    Column ``j`` is ``real(ifft(fft(e_j) * near))`` with ``near = |fftfreq(size)| <= radius``,
+    so ``M @ v`` is the low-passed ``v``. Computed in float64, once per size, before any trace.
+    """
+    near = (torch.fft.fftfreq(size, dtype=torch.float64).abs() <= radius + 1e-9).to(torch.complex128)
+    eye = torch.eye(size, dtype=torch.complex128)
+    return torch.fft.ifft(near[:, None] * torch.fft.fft(eye, dim=0), dim=0).real.float()
+
+
+def _separable_high_pass(x: Tensor, radius: float) -> Tensor:
+    """``semidiff.nets.hfm.high_pass`` as matrix products (exportable, equal up to rounding).
+
+    HFM zeroes the box where every axis is low-frequency; that box is a product of one mask per
+    axis, so ``real(ifftn(fftn(x) * (1 - box)))`` is ``x`` minus ``x`` low-passed along each
+    spatial axis in turn, and a 1D low-pass is a fixed real matrix (:func:`_low_pass_matrix`).
+    """
+    high = x.float()
+    low = high
+    last = x.ndim - 1  # positive axis numbers: the ONNX exporter writes a -1 into Transpose's perm
+    for axis in range(2, x.ndim):
+        matrix = _low_pass_matrix(int(x.shape[axis]), float(radius))
+        low = torch.movedim(torch.movedim(low, axis, last) @ matrix.T, last, axis)
+    return (high - low).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _exportable_hfm(net: nn.Module):
+    """Run HFM blocks of ``net`` through exportable code while the block is active (no-op without).
+
+    Also pins every Mamba to the mambapy back end (the same parameters as mamba_ssm's): the export
+    runs on the CPU, where the fused CUDA scan does not exist.
+    """
+    hfm = sys.modules.get("semidiff.nets.hfm")  # imported already if the net holds an HFM block
+    if hfm is None or not any(isinstance(m, hfm.HFMBlock) for m in net.modules()):
+        yield
+        return
+    import mambapy.mamba as mambapy_mamba
+
+    mixers = [m for m in net.modules() if isinstance(m, hfm.MambaMixer)]
+    saved = (hfm.high_pass, mambapy_mamba.pscan, [m.backend for m in mixers])
+    hfm.high_pass, mambapy_mamba.pscan = _separable_high_pass, _pscan_forward_only
+    for mixer in mixers:
+        mixer.backend = "mambapy"
+    try:
+        yield
+    finally:
+        hfm.high_pass, mambapy_mamba.pscan = saved[0], saved[1]
+        for mixer, backend in zip(mixers, saved[2]):
+            mixer.backend = backend
 
 
 def _random_batch(cfg: Config, batch: int, seed: int) -> Tensor:
@@ -208,8 +285,9 @@ def export_checkpoint(
     if net is None:
         raise SemidiffError(
             f"{checkpoint}: method {cfg.method.name!r} (with these options) has no single-network "
-            "output to export; its prediction combines several networks or sampling steps. "
-            "Exportable: supervised, mean_teacher, ua_mt, bcp, cps with eval_model a or b"
+            f"output to export: {method.export_refusal()}. "
+            "Exportable: supervised, mean_teacher, ua_mt, bcp, cps with eval_model a or b, "
+            "diffcl with test_output cs (its CS)"
         )
     if "onnx" in wanted:
         _import_onnx()  # fail before writing anything
@@ -226,7 +304,8 @@ def export_checkpoint(
     results = []
     for fmt, path in paths.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
+        with torch.no_grad(), _exportable_hfm(net):
+            head(example)  # eager run first: HFM's low-pass matrices become constants, not traced ops
             (_export_torchscript if fmt == "torchscript" else _export_onnx)(head, example, path, metadata)
         try:
             got = load_exported(path).probabilities(check)

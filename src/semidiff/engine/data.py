@@ -153,6 +153,29 @@ class CaseList(Dataset):
         return self.reader.load(self.refs[index])
 
 
+class RunBatchSampler(TwoStreamBatchSampler):
+    """The run's two-stream sampler, whose iterations follow Lightning's epochs of the batch sequence.
+
+    Lightning measures an epoch by ``len()`` (``num_batches`` = ``train.max_steps``), so epoch
+    ``e`` is batches ``e * num_batches`` to ``(e + 1) * num_batches - 1`` of the run's global
+    sequence. Without skipped steps the run ends inside the first epoch. Steps skipped for a
+    non-finite loss (``train.nonfinite: skip``) consume batches without counting as steps, so the
+    run can outlast it; Lightning then starts a new epoch and iterates the dataloader again. It
+    calls ``set_epoch`` only on a dataloader's ``sampler`` and ``batch_sampler.sampler``, never on
+    a batch sampler itself, so each iteration moves the position on here instead: it yields from
+    ``start_batch`` (a resumed run's batches consumed, possibly mid-epoch) to the end of that
+    epoch, and the next iteration starts at the following epoch.
+    """
+
+    def __iter__(self):
+        first = self.start_batch
+        end = (first // self.num_batches + 1) * self.num_batches  # where Lightning's epoch ends
+        self.start_batch = end
+        for k in range(first, end):
+            idx = self.batch(k)
+            yield [(i, self.item_seed(k, j)) for j, i in enumerate(idx)] if self.with_seeds else idx
+
+
 class SemidiffData(L.LightningDataModule):
     """Lightning data module; the whole run is one 'epoch' of ``train.max_steps`` batches."""
 
@@ -187,9 +210,11 @@ class SemidiffData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         n_lab = self.train_items.num_labeled
-        # The whole run is one pass of the sampler; a resumed run starts at its step count.
-        start = self.trainer.global_step if self.trainer else 0
-        sampler = TwoStreamBatchSampler(
+        # The whole run is one pass of the sampler (more only after skipped steps); a resumed run
+        # starts at the batches it consumed: its step count plus its skipped steps.
+        module = self.trainer.lightning_module if self.trainer else None
+        start = (self.trainer.global_step + getattr(module, "skipped_steps", 0)) if self.trainer else 0
+        sampler = RunBatchSampler(
             list(range(n_lab)),
             list(range(n_lab, len(self.train_items))),
             self.cfg.train.labeled_batch,

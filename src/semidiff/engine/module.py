@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from semidiff.config import Config, config_from_dict
 from semidiff.errors import SemidiffError
@@ -15,6 +17,10 @@ from semidiff.evaluation.evaluate import labels_from_probs, overlay_row, predict
 from semidiff.evaluation.figures import overlay_figure_tensor
 from semidiff.evaluation.metrics import case_metrics, summarize
 from semidiff.methods import NetSpec, Progress, create_method
+from semidiff.methods.base import all_reduce_sum
+
+#: Key of the engine's own state in a Lightning checkpoint (skipped-step count).
+CHECKPOINT_STATE_KEY = "semidiff_engine"
 
 
 def build_method(cfg: Config):
@@ -52,30 +58,114 @@ class SemidiffModule(L.LightningModule):
         self.method = build_method(self.cfg)
         self._val_records: list[dict] = []
         self._val_images: list[tuple] = []
+        #: steps skipped for a non-finite loss (``train.nonfinite: skip``); checkpointed
+        self.skipped_steps = 0
+        self._skipping = False  # the current batch is being skipped
+
+    @property
+    def batch_number(self) -> int:
+        """Batches consumed so far: optimiser steps plus skipped steps (the sampler's position)."""
+        return self.global_step + self.skipped_steps
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         # torch's RNG (dropout, noise, diffusion timesteps) is a function of (seed, step), so a
         # run resumed from any checkpoint replays exactly what an uninterrupted run would do.
-        torch.manual_seed((self.cfg.experiment.seed * 1_000_003 + self.global_step) % (2**63))
-        self.method.start_pseudo_noise_step(self.global_step)  # noise benchmark: draws keyed by step
+        # Keyed by the batch number, not the step: equal without skips, and a batch that follows a
+        # skipped one draws fresh randomness.
+        self._skipping = False
+        torch.manual_seed((self.cfg.experiment.seed * 1_000_003 + self.batch_number) % (2**63))
+        self.method.start_pseudo_noise_step(self.batch_number)  # noise benchmark: draws keyed by step
         progress = Progress(self.global_step, self.cfg.train.max_steps)
         parts = self.method.training_step(batch["labeled"], batch["unlabeled"], progress)
-        for name, value in parts.items():
-            if not torch.isfinite(value).all():
-                raise SemidiffError(
-                    f"non-finite loss at step {self.global_step}: {name} = {value.item()} "
-                    "(lower train.lr, check the data for NaN, or set train.grad_clip)"
-                )
+        bad = [(name, value) for name, value in parts.items() if not torch.isfinite(value).all()]
         bs = batch["labeled"]["image"].shape[0]
+        if self.cfg.train.nonfinite == "skip":
+            if self._any_rank(bool(bad)):
+                return self._skip_step(bad, bs)
+        elif bad:
+            name, value = bad[0]
+            raise SemidiffError(
+                f"non-finite loss at step {self.global_step}: {name} = {_scalar_text(value)} "
+                "(lower train.lr, check the data for NaN, set train.grad_clip, or set "
+                "train.nonfinite=skip to skip such steps)"
+            )
+        if self.cfg.train.nonfinite == "skip":
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False, batch_size=bs)
         self.log_dict({f"train/{k}": v.detach().float() for k, v in parts.items()}, on_step=True,
                       on_epoch=False, batch_size=bs)
         self.log("loss", parts["loss"].detach().float(), prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=bs, logger=False)
         return parts["loss"]
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any DDP process: all ranks must skip the same steps (collective)."""
+        total = torch.tensor([float(flag)], device=self.device)
+        all_reduce_sum(total)
+        return bool(total.item() > 0)
+
+    def _skip_step(self, bad: list[tuple[str, torch.Tensor]], batch_size: int) -> torch.Tensor:
+        """Count a skipped step (``train.nonfinite: skip``); stop once ``train.max_skips`` is exceeded.
+
+        Returns a zero loss that reaches every trainable parameter (Lightning refuses a None
+        return under DDP, and DDP's gradient all-reduce needs every rank to run a backward);
+        :meth:`optimizer_step` then makes no optimiser update, leaves out the EMA/bank/prototype
+        update and takes the step back out of Lightning's step count, and
+        :meth:`lr_scheduler_step` holds the schedule, so a run still makes ``train.max_steps``
+        optimiser steps.
+        """
+        where = ", ".join(f"{name} = {_scalar_text(value)}" for name, value in bad) or "on another process"
+        self.skipped_steps += 1
+        self._skipping = True
+        limit = self.cfg.train.max_skips
+        if self.skipped_steps > limit:
+            raise SemidiffError(
+                f"non-finite loss at step {self.global_step}: {where}; {self.skipped_steps} steps skipped, more "
+                f"than train.max_skips={limit} (lower train.lr, check the data for NaN, or set train.grad_clip)"
+            )
+        rank_zero_warn(f"non-finite loss at step {self.global_step}: {where}; step skipped "
+                       f"({self.skipped_steps} of at most {limit})")
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False,
+                 batch_size=batch_size)
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
+    def _uncount_skipped_step(self) -> None:
+        """Take a skipped step back out of Lightning's optimiser-step count (``trainer.global_step``).
+
+        Lightning counts every call of the ``optimizer_step`` hook as a step, whether or not the
+        optimiser updated anything (it increments 'ready' before the hook and 'completed' after it).
+        Decrementing both here leaves the count unchanged by a skipped step, so ``max_steps``,
+        checkpoints and schedules count real updates only.
+        """
+        counter = self.trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+        for tracker in (counter.total, counter.current):
+            tracker.ready -= 1
+            tracker.completed -= 1
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # The schedule follows optimiser steps: a skipped step does not advance it.
+        if not self._skipping:
+            super().lr_scheduler_step(scheduler, metric)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_STATE_KEY] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run keeps its skip count, hence its batch position (engine/data.py).
+        self.skipped_steps = int((checkpoint.get(CHECKPOINT_STATE_KEY) or {}).get("skipped_steps", 0))
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if self.cfg.train.nonfinite == "skip":
+            # The closure (training_step, backward) runs first, so the step can be left out once
+            # it is known to be skipped: no optimiser update (its zero gradients are cleared by
+            # the next step's zero_grad), no EMA, bank or prototype update.
+            loss = optimizer_closure()
+            if self._skipping:
+                self._uncount_skipped_step()
+                return
+            optimizer_closure = functools.partial(_already_computed, loss)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # Right after the optimiser step, not in on_train_batch_end: ModelCheckpoint saves in its
         # own on_train_batch_end, which Lightning calls before the module's, so an EMA update made
         # there would be missing from a checkpoint taken at that step (inexact resume).
@@ -144,6 +234,18 @@ class SemidiffModule(L.LightningModule):
             if self._val_images and hasattr(writer, "add_image"):
                 img = overlay_figure_tensor(self._val_images, class_names=self.cfg.model.class_names)
                 writer.add_image("val/overlays", img, self.global_step, dataformats="HWC")
+
+
+def _already_computed(loss):
+    """Stands in for Lightning's closure once it has run (the optimiser calls its closure)."""
+    return loss
+
+
+def _scalar_text(value: torch.Tensor) -> str:
+    """A loss part for an error message: its value, or its first non-finite entry."""
+    if value.numel() == 1:
+        return str(value.item())
+    return f"{value[~torch.isfinite(value)].flatten()[0].item()} (in a tensor of {value.numel()})"
 
 
 def load_module(checkpoint: str, map_location: str | torch.device = "cpu") -> SemidiffModule:

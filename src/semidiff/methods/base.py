@@ -121,6 +121,10 @@ class Method(nn.Module):
         """
         return None
 
+    def export_refusal(self) -> str:
+        """Why :meth:`export_net` is None, for the error of ``semidiff export``."""
+        return "its prediction combines several networks or sampling steps"
+
     # ---- noise-robustness benchmark (``noise.target: pseudo``) --------------------------------
     def set_pseudo_noise(self, spec: NoiseConfig | None) -> None:
         """Turn pseudo-label corruption on (a ``noise`` section with ``target: pseudo``) or off.
@@ -192,6 +196,33 @@ def all_reduce_sum(*tensors: Tensor) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def all_gather_padded(rows: Tensor) -> Tensor:
+    """The rows of every DDP process, concatenated in rank order (``rows`` itself in one process).
+
+    For per-step entries whose count differs between ranks (memory-bank pushes): each rank pads
+    its ``(N_rank, ...)`` tensor with zeros to the largest count, all-gathers, and drops the
+    padding using the gathered counts. Every rank gets the same tensor, so applying it (a FIFO
+    write) keeps the state identical everywhere and holds the entries of all ranks. Every rank
+    must call it at the same point (it is a collective), with the same dtype and trailing shape.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    largest = max(sizes)
+    if largest == 0:  # the same on every rank: no second collective needed
+        return rows
+    padded = rows.new_zeros((largest, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
 _METHODS: dict[str, type[Method]] = {}

@@ -42,6 +42,7 @@ from semidiff.methods.base import (
     MethodOptions,
     NetSpec,
     Progress,
+    all_gather_padded,
     register_method,
 )
 from semidiff.methods.common import (
@@ -221,7 +222,8 @@ class DiffCLOptions(RampOptions):
         proj_dim: Output width of the projection head (64).
         proj_hidden: Hidden width of the 2-layer projection MLP.
         bank_size: Memory entries per class ``K`` (256).
-        bank_push: Correctly predicted labeled voxels added per class per step (at most).
+        bank_push: Correctly predicted labeled voxels added per class per step (at most), per DDP
+            process (the bank receives the candidates of every process).
         tau: InfoNCE temperature (0.1).
         contrast_voxels: Sampled anchor voxels per set (unlabeled, labeled), class-balanced (4096).
         contrast_labeled: Also contrast labeled voxels with their true class.
@@ -315,6 +317,8 @@ class DiffCL(Method):
             self.proj_head = nn.Sequential(nn.Linear(feat, o.proj_hidden), nn.ReLU(inplace=True),
                                            nn.Linear(o.proj_hidden, o.proj_dim))
             self.bank = ClassMemoryBank(net.num_classes, o.bank_size, o.proj_dim)
+        # (features, classes) of the last training step, written to the bank by on_step_end.
+        self._pending_push: tuple[Tensor, Tensor] | None = None
 
     def _build_cs(self, net: NetSpec) -> nn.Module:
         o = self.options
@@ -405,22 +409,35 @@ class DiffCL(Method):
             parts["loss_c_pseudo"] = seg_loss(logits_cs[n_l:], pseudo_u)
             loss = loss + parts[peer_sup] + mu1 * parts[peer_pseudo] + mu2 * parts["loss_c_pseudo"]
 
-        push = None
+        self._pending_push = None
         if o.use_contrast:
-            contrast, push = self._contrast(features, logits_cs, y_l, pseudo_u, n_l)
+            contrast, self._pending_push = self._contrast(features, logits_cs, y_l, pseudo_u, n_l)
             parts.update(contrast)
             loss = loss + mu2 * o.eta * parts["loss_contrast"]
-        if push is not None:
-            # After the loss, so a step never contrasts against its own voxels. Done here rather
-            # than in on_step_end, so a checkpoint written between the two cannot lose the entries.
             assert self.bank is not None
-            self.bank.push(*push)
+            # The fill this step contrasted against (its own candidates enter in on_step_end).
             parts["bank_fill"] = self.bank.count.float().mean() / self.bank.size
 
         out = {"loss": loss}
         out.update({k: v.detach() for k, v in parts.items()})
         out["mu"] = torch.tensor(mu2, device=loss.device)
         return out
+
+    def on_step_end(self, progress: Progress) -> None:
+        """Write the last step's memory candidates to the bank, gathered from every DDP process.
+
+        Deferred from :meth:`training_step` so that a step never contrasts against its own voxels
+        and a skipped step (``train.nonfinite: skip``: no ``on_step_end``) leaves the bank as it
+        was. The engine calls this right after the optimiser step, before any checkpoint is
+        written, so no entry is lost from a checkpoint. Under DDP every rank writes the same
+        gathered rows (rank order), so the banks stay identical and hold every rank's voxels.
+        """
+        if self._pending_push is None:
+            return
+        assert self.bank is not None
+        features, classes = self._pending_push
+        self._pending_push = None
+        self.bank.push(all_gather_padded(features.contiguous()), all_gather_padded(classes.contiguous()))
 
     @property
     def default_output(self) -> str:
@@ -459,3 +476,11 @@ class DiffCL(Method):
     def export_net(self) -> nn.Module | None:
         """CS when it alone gives the default prediction; None for the DS or mean outputs."""
         return self.cs if self.options.test_output == "cs" else None
+
+    def export_refusal(self) -> str:
+        """Why a run whose ``test_output`` is not ``cs`` cannot be exported."""
+        o = self.options
+        what = ("DDIM sampling of the diffusion segmenter" if o.test_output == "ds"
+                else "the mean of CS and its peer network")
+        return (f"method.options.test_output is {o.test_output!r}, which predicts by {what}; only CS is a single "
+                "network (a run with test_output: cs exports it)")
