@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import yaml
 
-from semidiff.bench import cell_done, collect, load_bench, mean_std, run_bench, write_report
+from semidiff.bench import (
+    cell_done,
+    collect,
+    load_bench,
+    mean_std,
+    run_bench,
+    write_report,
+)
 from semidiff.cli import main
 from semidiff.data.synthetic import make_synthetic_dataset
 from semidiff.errors import ConfigError

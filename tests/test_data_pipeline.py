@@ -104,7 +104,7 @@ def test_holdout_by_group_and_deterministic():
 
 
 def test_sampler_batches_have_fixed_counts_labeled_first():
-    lab, unl = list(range(0, 5)), list(range(100, 137))
+    lab, unl = list(range(5)), list(range(100, 137))
     sampler = TwoStreamBatchSampler(lab, unl, 2, 3, num_batches=40, seed=0)
     batches = list(sampler)
     assert len(sampler) == 40 and len(batches) == 40

@@ -12,9 +12,9 @@ import pytest
 from scipy import ndimage
 
 from semidiff.data import (
-    ACDCReader,
     BRATS_LAYOUT,
     PANCREAS_LAYOUT,
+    ACDCReader,
     H5CaseListReader,
     create_reader,
     inspect_dataset,
@@ -22,7 +22,6 @@ from semidiff.data import (
     select_labeled,
 )
 from semidiff.errors import ConfigError, DataError
-
 
 # --------------------------------------------------------------------------- replica writers
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import semidiff.nets as nets
+from semidiff import nets
 from semidiff.errors import ConfigError
 from semidiff.nets import create_net, list_nets, register_net
 from semidiff.nets.blocks import crop_to, pad_to_multiple

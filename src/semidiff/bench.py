@@ -23,14 +23,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from semidiff.errors import ConfigError
 
@@ -85,7 +93,7 @@ class BenchSpec(BaseModel):
     qualitative_cases: int = Field(default=3, ge=0)
 
     @model_validator(mode="after")
-    def _in_process_is_serial(self) -> "BenchSpec":
+    def _in_process_is_serial(self) -> BenchSpec:
         if self.isolation == "in_process" and self.workers > 1:
             raise ValueError("isolation 'in_process' runs one cell at a time; use workers: 1 or 'subprocess'")
         return self

@@ -150,7 +150,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from semidiff.data.image_io import SUPPORTED, normalize, read_image, suffix_of, write_prediction
+    from semidiff.data.image_io import (
+        SUPPORTED,
+        normalize,
+        read_image,
+        suffix_of,
+        write_prediction,
+    )
     from semidiff.engine.module import load_module
     from semidiff.evaluation.evaluate import labels_from_probs, predict_image
     from semidiff.export import is_exported_file, load_exported

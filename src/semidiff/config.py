@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from semidiff.errors import ConfigError
 
@@ -168,7 +175,7 @@ class Config(_Section):
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Config":
+    def _consistent(self) -> Config:
         if self.eval.stride is not None and len(self.eval.stride) != len(self.data.patch_size):
             raise ValueError(
                 f"eval.stride {self.eval.stride} and data.patch_size {self.data.patch_size} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from semidiff.data.endoscapes import EndoscapesReader
 from semidiff.data.h5_acdc import ACDCReader
 from semidiff.data.h5_caselist import (
     BRATS_LAYOUT,
@@ -17,8 +18,12 @@ from semidiff.data.h5_caselist import (
     read_h5_case,
     read_id_list,
 )
-from semidiff.data.endoscapes import EndoscapesReader
-from semidiff.data.inspect import InspectReport, SplitSummary, detect_reader, inspect_dataset
+from semidiff.data.inspect import (
+    InspectReport,
+    SplitSummary,
+    detect_reader,
+    inspect_dataset,
+)
 from semidiff.data.mosxav import MosxavReader
 from semidiff.data.nnunet import NnUNetReader
 from semidiff.data.record import Case, CaseRef
@@ -35,23 +40,23 @@ from semidiff.data.transforms import (
 from semidiff.errors import ConfigError
 
 __all__ = [
-    "ACDCReader",
-    "EndoscapesReader",
-    "MosxavReader",
-    "NnUNetReader",
-    "detect_reader",
     "BRATS_LAYOUT",
-    "Case",
-    "CaseRef",
-    "H5CaseListReader",
-    "InspectReport",
     "LA_LAYOUT",
     "PANCREAS_LAYOUT",
     "READERS",
+    "ACDCReader",
+    "Case",
+    "CaseRef",
+    "EndoscapesReader",
+    "H5CaseListReader",
+    "InspectReport",
+    "MosxavReader",
+    "NnUNetReader",
     "SplitSummary",
     "TwoStreamBatchSampler",
     "case_to_item",
     "create_reader",
+    "detect_reader",
     "groups_in_order",
     "holdout",
     "inspect_dataset",

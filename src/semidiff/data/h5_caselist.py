@@ -18,12 +18,12 @@ from semidiff.data.record import Case, CaseRef
 from semidiff.errors import ConfigError, DataError
 
 __all__ = [
-    "H5CaseListReader",
+    "BRATS_LAYOUT",
     "LA_LAYOUT",
     "PANCREAS_LAYOUT",
-    "BRATS_LAYOUT",
-    "read_id_list",
+    "H5CaseListReader",
     "read_h5_case",
+    "read_id_list",
 ]
 
 # Keyword presets for the literature's 3D h5 layouts (pass as ``H5CaseListReader(root, **preset)``).
@@ -74,8 +74,7 @@ def read_id_list(path: str | Path) -> list[str]:
         case_id = line.strip()
         if not case_id:
             continue
-        if case_id.endswith(".h5"):
-            case_id = case_id[: -len(".h5")]
+        case_id = case_id.removesuffix(".h5")
         ids.append(case_id)
     if not ids:
         raise DataError(path, "split list file holds no case ids")

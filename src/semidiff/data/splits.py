@@ -14,7 +14,7 @@ import numpy as np
 from semidiff.data.record import CaseRef
 from semidiff.errors import ConfigError
 
-__all__ = ["select_labeled", "holdout", "groups_in_order"]
+__all__ = ["groups_in_order", "holdout", "select_labeled"]
 
 _UNITS = ("cases", "patients", "fraction")
 _RULES = ("first", "random")
@@ -25,7 +25,7 @@ def groups_in_order(refs: Sequence[CaseRef]) -> list[str]:
     return list(dict.fromkeys(r.group for r in refs))
 
 
-def _count(value: int | float, available: int, what: str, fraction: bool) -> int:
+def _count(value: float, available: int, what: str, fraction: bool) -> int:
     """Turn a count or a fraction into a number of items, with the errors users need."""
     if isinstance(value, bool):
         raise ConfigError(f"labeled must be a number, got {value!r}")
@@ -56,7 +56,7 @@ def _choose(items: Sequence[str], n: int, rule: str, seed: int) -> set[str]:
 
 def select_labeled(
     refs: list[CaseRef],
-    labeled: int | float,
+    labeled: float,
     unit: str = "cases",
     rule: str = "first",
     seed: int = 0,
@@ -104,7 +104,7 @@ def select_labeled(
 
 
 def holdout(
-    refs: list[CaseRef], n_or_fraction: int | float, seed: int = 0
+    refs: list[CaseRef], n_or_fraction: float, seed: int = 0
 ) -> tuple[list[CaseRef], list[CaseRef]]:
     """Hold out whole groups of a training list, e.g. as validation for LA or Pancreas.
 

@@ -28,7 +28,7 @@ from scipy import ndimage
 from semidiff.data.h5_caselist import H5CaseListReader
 from semidiff.errors import ConfigError, DataError
 
-__all__ = ["make_synthetic_dataset", "open_synthetic", "synthetic_case", "SYNTHETIC_PATH_PATTERN"]
+__all__ = ["SYNTHETIC_PATH_PATTERN", "make_synthetic_dataset", "open_synthetic", "synthetic_case"]
 
 SYNTHETIC_PATH_PATTERN = "cases/{id}.h5"
 
@@ -154,7 +154,7 @@ def synthetic_case(
     names = _class_names(num_classes)
     label = np.zeros(shape, dtype=np.uint8)
     intensity = np.full(shape, _MEANS["background"], dtype=np.float32)
-    jitter = lambda: rng.normal(0.0, 0.1)  # noqa: E731  per-case shift of each class mean
+    jitter = lambda: rng.normal(0.0, 0.1)
 
     def offset(centre: np.ndarray) -> np.ndarray:
         return coords - centre.reshape((dims,) + (1,) * dims)

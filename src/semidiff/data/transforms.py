@@ -33,11 +33,11 @@ from semidiff.data.record import Case
 from semidiff.errors import ConfigError
 
 __all__ = [
-    "train_transforms",
-    "resize_to",
-    "resample_volume",
-    "resample_to_shape",
     "case_to_item",
+    "resample_to_shape",
+    "resample_volume",
+    "resize_to",
+    "train_transforms",
 ]
 
 KEYS = ("image", "label")

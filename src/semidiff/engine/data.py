@@ -12,7 +12,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from semidiff.config import Config
-from semidiff.data import TwoStreamBatchSampler, create_reader, holdout, select_labeled, train_transforms
+from semidiff.data import (
+    TwoStreamBatchSampler,
+    create_reader,
+    holdout,
+    select_labeled,
+    train_transforms,
+)
 from semidiff.data.record import Case, CaseRef
 from semidiff.data.transforms import resample_volume
 from semidiff.errors import ConfigError

@@ -12,8 +12,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,7 +22,12 @@ from semidiff.config import Config
 from semidiff.data.transforms import resample_to_shape, resample_volume
 from semidiff.evaluation.figures import overlay_panel, pick_slice
 from semidiff.evaluation.inference import keep_largest_component, predict_case
-from semidiff.evaluation.metrics import case_metrics, format_summary_table, summarize, write_metrics
+from semidiff.evaluation.metrics import (
+    case_metrics,
+    format_summary_table,
+    summarize,
+    write_metrics,
+)
 from semidiff.noise import describe_noise
 
 

@@ -7,20 +7,20 @@ Colours are fixed per class id, so the same structure has the same colour in eve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 __all__ = [
     "CLASS_COLOURS",
-    "PANEL_INCHES",
     "DPI",
-    "pick_slice",
+    "PANEL_INCHES",
     "label_to_rgb",
-    "overlay_rgb",
-    "overlay_panel",
     "overlay_figure_tensor",
+    "overlay_panel",
+    "overlay_rgb",
+    "pick_slice",
 ]
 
 #: RGB colour per class id (index 0 = background, never drawn). Okabe-Ito-like, distinguishable by

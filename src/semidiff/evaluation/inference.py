@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,14 +43,14 @@ from semidiff.errors import ConfigError
 __all__ = [
     "InferenceMode",
     "PredictFn",
-    "monai_overlap",
-    "sliding_window_predict",
-    "reference_sliding_window",
-    "window_starts",
-    "slicewise_predict",
-    "whole_image_predict",
-    "predict_case",
     "keep_largest_component",
+    "monai_overlap",
+    "predict_case",
+    "reference_sliding_window",
+    "slicewise_predict",
+    "sliding_window_predict",
+    "whole_image_predict",
+    "window_starts",
 ]
 
 #: ``(N, C, *spatial) -> (N, num_classes, *spatial)`` softmax probabilities.

@@ -21,9 +21,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -33,11 +34,11 @@ from semidiff.errors import ConfigError
 __all__ = [
     "METRIC_NAMES",
     "EmptyRule",
-    "parse_empty_rule",
     "binary_metrics",
     "case_metrics",
-    "summarize",
     "format_summary_table",
+    "parse_empty_rule",
+    "summarize",
     "write_metrics",
 ]
 

@@ -1,5 +1,15 @@
 """Training methods, created by name from the registry."""
 
+# Importing a method module registers it.
+from semidiff.methods import (  # noqa: F401
+    bcp,
+    cps,
+    diffcl,
+    mean_teacher,
+    protodiff,
+    supervised,
+    ua_mt,
+)
 from semidiff.methods.base import (
     Method,
     MethodOptions,
@@ -11,12 +21,6 @@ from semidiff.methods.base import (
     method_options,
     register_method,
 )
-
-# Importing a method module registers it.
-from semidiff.methods import supervised  # noqa: E402,F401
-from semidiff.methods import bcp, cps, mean_teacher, ua_mt  # noqa: E402,F401
-from semidiff.methods import protodiff  # noqa: E402,F401
-from semidiff.methods import diffcl  # noqa: E402,F401
 
 __all__ = [
     "Method",

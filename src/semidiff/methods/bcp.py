@@ -93,7 +93,7 @@ class BCPOptions(TeacherOptions):
 
     @field_validator("pretrain_steps")
     @classmethod
-    def _check_pretrain(cls, v: int | float) -> int | float:
+    def _check_pretrain(cls, v: float) -> int | float:
         if isinstance(v, float) and not 0.0 <= v <= 1.0:
             raise ValueError("a float is a fraction of train.max_steps in [0, 1]; give steps as an integer")
         if isinstance(v, int) and v < 0:

@@ -43,7 +43,7 @@ __all__ = [
 
 
 # ---- schedules ----------------------------------------------------------------------------------
-def sigmoid_rampup(step: int | float, ramp_steps: int | float) -> float:
+def sigmoid_rampup(step: float, ramp_steps: float) -> float:
     """The sigmoid ramp-up of methods.md: ``r(t) = exp(-5 (1 - min(t, T_r) / T_r)^2)``.
 
     Args:

@@ -22,8 +22,20 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from semidiff.methods.base import Method, MethodOptions, NetSpec, Progress, register_method
-from semidiff.methods.common import RampOptions, build_net, pseudo_label, require_unlabeled, softmax_probs
+from semidiff.methods.base import (
+    Method,
+    MethodOptions,
+    NetSpec,
+    Progress,
+    register_method,
+)
+from semidiff.methods.common import (
+    RampOptions,
+    build_net,
+    pseudo_label,
+    require_unlabeled,
+    softmax_probs,
+)
 from semidiff.methods.losses import seg_loss
 
 __all__ = ["CPS", "CPSOptions"]

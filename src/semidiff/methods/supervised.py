@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from semidiff.methods.base import Method, MethodOptions, NetSpec, Progress, register_method
+from semidiff.methods.base import (
+    Method,
+    MethodOptions,
+    NetSpec,
+    Progress,
+    register_method,
+)
 from semidiff.methods.losses import seg_loss
 from semidiff.nets import create_net
 

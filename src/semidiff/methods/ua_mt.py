@@ -23,7 +23,12 @@ from pydantic import Field
 from torch import Tensor
 
 from semidiff.methods.base import Progress, register_method
-from semidiff.methods.common import input_noise, sigmoid_rampup, softmax_mse, softmax_probs
+from semidiff.methods.common import (
+    input_noise,
+    sigmoid_rampup,
+    softmax_mse,
+    softmax_probs,
+)
 from semidiff.methods.mean_teacher import MeanTeacher, MeanTeacherOptions
 
 __all__ = ["UAMT", "UAMTOptions", "predictive_entropy", "uncertainty_mask"]

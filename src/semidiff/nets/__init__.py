@@ -6,16 +6,16 @@ Importing this package registers every network, so ``create_net("vnet", 1, 2)`` 
 
 from __future__ import annotations
 
-from semidiff.nets.registry import create_net, list_nets, register_net
+from semidiff.nets import protodiff_net as _protodiff_net  # noqa: F401  (registers "protodiff_net")
 
 # Imported for their registration side effect.
 from semidiff.nets import unet2d as _unet2d  # noqa: F401  (registers "unet2d")
 from semidiff.nets import unet3d as _unet3d  # noqa: F401  (registers "unet3d")
 from semidiff.nets import vnet as _vnet  # noqa: F401  (registers "vnet")
-from semidiff.nets import protodiff_net as _protodiff_net  # noqa: F401  (registers "protodiff_net")
 from semidiff.nets.blocks import SegmentationNet
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
 from semidiff.nets.hfm import HFMBlock, SkipTransformNet, add_hfm
+from semidiff.nets.registry import create_net, list_nets, register_net
 from semidiff.nets.unet2d import UNet2D
 from semidiff.nets.unet3d import UNet3D
 from semidiff.nets.vnet import VNet

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from semidiff.errors import ConfigError
-from semidiff.nets.blocks import SegmentationNet, check_sequence, dropout_layer, init_weights
+from semidiff.nets.blocks import (
+    SegmentationNet,
+    check_sequence,
+    dropout_layer,
+    init_weights,
+)
 from semidiff.nets.registry import register_net
 
 __all__ = ["UNet2D", "unet2d"]
