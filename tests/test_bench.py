@@ -17,6 +17,7 @@ import yaml
 from semidiff.bench import (
     cell_done,
     collect,
+    grid_cells,
     load_bench,
     mean_std,
     run_bench,
@@ -151,3 +152,37 @@ def test_bad_bench_configs_name_the_problem(tmp_path):
         load_bench(f)
     with pytest.raises(ConfigError, match="not a bench folder|neither"):
         write_report(tmp_path / "nothing_here")
+
+
+def test_noise_axis_skips_supervised_pseudo_cells_and_plots_one_panel_per_kind(tmp_path):
+    base = {"experiment": {"name": "x"}, "data": {"reader": "synthetic", "root": "r"},
+            "model": {"net": "unet2d", "num_classes": 2}}
+    (tmp_path / "sup.yaml").write_text(yaml.safe_dump({**base, "method": {"name": "supervised"}}))
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump({**base, "method": {"name": "mean_teacher"}}))
+    levels = [{}, {"target": "pseudo", "kind": "flip", "rate": 0.2}, {"target": "pseudo", "kind": "erode", "k": 2},
+              {"target": "labeled", "kind": "flip", "rate": 0.2}]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {
+        "name": "n", "labeled": [3], "noise": levels,
+        "methods": [{"name": "sup", "config": "sup.yaml"}, {"name": "mt", "config": "mt.yaml"}]}}))
+    spec, base_dir = load_bench(tmp_path / "b.yaml")
+    names = [c.name for c in grid_cells(spec, base_dir, tmp_path)]
+    # Supervised makes no pseudo-labels: only its clean and labeled-noise cells exist.
+    assert names == ["sup_l3_s0", "mt_l3_s0", "mt_l3_s0_pseudo-flip-0.2", "mt_l3_s0_pseudo-erode-k2",
+                     "sup_l3_s0_labeled-flip-0.2", "mt_l3_s0_labeled-flip-0.2"]
+    mt_cell = next(c for c in grid_cells(spec, base_dir, tmp_path) if c.name == "mt_l3_s0_pseudo-erode-k2")
+    assert "noise.kind=erode" in mt_cell.overrides and "noise.k=2" in mt_cell.overrides
+
+    runs = tmp_path / "runs"
+    for i, (method, noise, dice) in enumerate([("supervised", {}, 0.5), ("mean_teacher", {}, 0.6),
+                                               ("mean_teacher", levels[1], 0.55),
+                                               ("mean_teacher", levels[2], 0.52)]):
+        _fake_run(runs / f"r{i}", method, 3, 0, dice, 1.0)
+        cfg = yaml.safe_load((runs / f"r{i}" / "config.yaml").read_text())
+        (runs / f"r{i}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "noise": noise}))
+    write_report(runs, log=lambda _m: None)
+    assert (runs / "dice_vs_noise.png").stat().st_size > 5000
+    rows = list(csv.DictReader(open(runs / "table.csv")))
+    got = {(r["method"], r["noise"]): float(r["mean"]) for r in rows
+           if r["metric"] == "dice" and r["class"] == "mean" and r["checkpoint"] == "last"}
+    assert got == {("supervised", "clean"): 0.5, ("mean_teacher", "clean"): 0.6,
+                   ("mean_teacher", "pseudo-flip-0.2"): 0.55, ("mean_teacher", "pseudo-erode-k2"): 0.52}

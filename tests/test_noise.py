@@ -3,10 +3,7 @@ labeled-mask corruption in the data pipeline, the pseudo-label hook of every bas
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -307,42 +304,3 @@ def test_soft_targets_become_one_hot_where_the_class_changed(tmp_path, synth):
     # Off: the very same tensor back.
     method.set_pseudo_noise(None)
     assert method.corrupt_soft_pseudo(probs) is probs
-
-
-# ---- the sweep ----------------------------------------------------------------------------------
-def test_noise_sweep_trains_reports_and_resumes(tmp_path, synth, monkeypatch):
-    spec = importlib.util.spec_from_file_location("noise_sweep", REPO / "benchmarks/noise_sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "noise_sweep", sweep)  # its dataclasses look their module up
-    spec.loader.exec_module(sweep)
-    base = tmp_path / "base.yaml"
-    tree = _cfg(synth, tmp_path / "unused")
-    tree["train"].update({"val_every": 1, "log_every": 1, "optimizer": "adamw", "lr": 3e-3})
-    tree["eval"] = {"overlay_cases": 0}
-    del tree["noise"]
-    base.write_text(yaml.safe_dump(tree))
-    out = tmp_path / "sweep"
-    args = ["--config", str(base), "--methods", "supervised", "cps", "--levels", "flip:0", "flip:0.3",
-            "--target", "pseudo", "--steps", "1", "--out", str(out), "--in-process"]
-    logs: list[str] = []
-    assert sweep.main(args, log=logs.append) == 0
-    records = json.loads((out / "noise_sweep.json").read_text())
-    names = ["supervised__flip0", "supervised__flip0.3", "cps__flip0", "cps__flip0.3"]
-    assert [r["run"] for r in records] == names
-    assert all(0.0 <= r["dice_last"] <= 1.0 for r in records)
-    assert "pseudo-labels: flip rate 0.3" in records[3]["protocol"]["noise"]
-    # Supervised makes no pseudo-labels: its noisy level reuses the clean run instead of training.
-    assert not (out / "runs" / "supervised__flip0.3").exists()
-    assert records[1]["dice_last"] == records[0]["dice_last"] and "reused" in records[1]["protocol"]["noise"]
-    table = (out / "noise_sweep.md").read_text()
-    assert "## Protocol" in table and "| cps |" in table and "flip 0.3" in table
-    assert (out / "noise_sweep.png").stat().st_size > 1000
-    # Started again: the three trained runs are finished and skipped, nothing is retrained.
-    logs.clear()
-    final = out / "runs" / "cps__flip0.3" / "checkpoints" / "final.ckpt"
-    mtime = final.stat().st_mtime
-    assert sweep.main(args, log=logs.append) == 0
-    assert sum("finished, skipped" in line for line in logs) == 3
-    assert final.stat().st_mtime == mtime
-    # A finished run whose config differs from what the sweep now asks is not silently mixed in.
-    assert sweep.main([*args[:-5], "--steps", "2", *args[-3:]], log=logs.append) == 2

@@ -175,6 +175,8 @@ def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
     for labeled, seed, level, m in itertools.product(counts, spec.seeds, levels, spec.methods):
         if labeled not in (m.labeled or spec.labeled):
             continue
+        if level.get("target") == "pseudo" and not _makes_pseudo_labels(base / m.config):
+            continue  # pseudo-label noise cannot change it: its clean run stands for every level
         nlabel = noise_label(level)
         noise_over = [f"noise.{k}={v}" for k, v in level.items()]
         cell = Cell(m.name, base / m.config, labeled, seed, nlabel)
@@ -188,6 +190,14 @@ def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
         cells.append(Cell(m.name, cell.config, labeled, seed, nlabel,
                           tuple(spec.overrides) + tuple(m.overrides) + tuple(noise_over) + tuple(own)))
     return cells
+
+
+def _makes_pseudo_labels(config: Path) -> bool:
+    """Whether the training config's method learns from unlabeled data (supervised does not)."""
+    from semidiff.methods import method_class
+
+    tree = yaml.safe_load(config.read_text()) or {}
+    return method_class((tree.get("method") or {}).get("name", "supervised")).uses_unlabeled
 
 
 def cell_done(run_dir: Path) -> bool:
@@ -463,6 +473,47 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str) -> No
     fig.savefig(out_file)
 
 
+def _noise_kind_amount(label: str) -> tuple[str, str, float]:
+    """``pseudo-flip-0.1`` -> ("pseudo", "flip", 0.1); ``labeled-erode-k2`` -> ("labeled", "erode", 2)."""
+    target, kind, amount = label.split("-", 2)
+    return target, kind, float(amount.lstrip("k"))
+
+
+def plot_dice_vs_noise(rows: list[dict], out_file: Path) -> None:
+    """Mean Dice (last checkpoint) against noise amount, one panel per noise kind.
+
+    The clean run is the 0 of every panel; a method with only a clean run (no pseudo-labels to
+    corrupt) is drawn as a horizontal reference line.
+    """
+    rows = [r for r in rows if r["checkpoint"] == "last"]
+    levels = [_noise_kind_amount(n) for n in dict.fromkeys(r["noise"] for r in rows) if n != "clean"]
+    kinds = list(dict.fromkeys((t, k) for t, k, _ in levels))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig = _figure(4.2 * max(1, len(kinds)), 3.8)
+    for i, (target, kind) in enumerate(kinds):
+        ax = fig.add_subplot(1, len(kinds), i + 1)
+        for j, method in enumerate(methods):
+            mine = {r["noise"]: r["dice"] for r in rows if r["method"] == method}
+            clean = mine.get("clean")
+            pts = [(_noise_kind_amount(n)[2], d) for n, d in mine.items()
+                   if n != "clean" and _noise_kind_amount(n)[:2] == (target, kind)]
+            colour = f"C{j % 10}"
+            if not pts and clean is not None:
+                ax.axhline(clean[0], color=colour, ls="--", lw=1, label=f"{method} (no pseudo-labels)")
+                continue
+            if clean is not None:
+                pts = [(0.0, clean), *pts]
+            pts.sort()
+            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
+                        marker="o", capsize=3, color=colour, label=method)
+        unit = "k (pixels)" if kind in ("erode", "dilate") else "rate"
+        ax.set(xlabel=f"{kind} {unit}", ylabel="mean Dice (validation, last)", title=f"{target}: {kind}")
+        ax.grid(alpha=0.3)
+    if fig.axes:
+        fig.axes[0].legend(fontsize=7)
+    fig.savefig(out_file)
+
+
 def plot_per_class(rows: list[dict], out_file: Path) -> None:
     """Per-class Dice bars, one panel per labeled count, one bar group per class."""
     rows = [r for r in rows if r["checkpoint"] == "last" and r["noise"] == rows[0]["noise"]]
@@ -584,7 +635,7 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     plot_dice_vs(rows, "labeled", bench_dir / "dice_vs_labeled.png", "labeled count")
     plot_per_class(rows, bench_dir / "per_class.png")
     if len({r["noise"] for r in rows}) > 1:
-        plot_dice_vs(rows, "noise", bench_dir / "dice_vs_noise.png", "label-noise level")
+        plot_dice_vs_noise(rows, bench_dir / "dice_vs_noise.png")
     plot_curves(results, bench_dir / "curves.png")
     plot_qualitative(results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir))
     log(f"report of {len(results)} runs: {bench_dir / 'table.md'}")
