@@ -308,6 +308,10 @@ def collect(target: Path) -> list[CellResult]:
         raise ConfigError(f"{target}: neither a bench folder (bench.yaml), a run folder (config.yaml) "
                           "nor a folder of run folders")
     results = []
+    # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
+    order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
+    runs.sort(key=lambda d: (next((i for i, m in enumerate(order) if yaml.safe_load(
+        (d / "config.yaml").read_text()).get("method", {}).get("name") == m), len(order)), d.name))
     for run in runs:
         if not cell_done(run):
             continue
