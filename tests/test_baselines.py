@@ -39,13 +39,7 @@ PARTS = {
 SMALL_UNET = {"features": [4, 8, 8, 16, 16]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a busy small CPU, thread contention makes these tiny nets 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(dims: int, num_classes: int = 3) -> NetSpec:

@@ -44,13 +44,7 @@ FAST = {"timesteps": 20, "test_steps": 2, "pl_steps": 2, "hfm_dim": 8, "hfm_d_st
         "proj_dim": 8, "bank_size": 16, "bank_push": 8, "contrast_voxels": 256, "ds_time_dim": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the machine runs trainings in the background."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _spec(dims: int, num_classes: int = 3) -> NetSpec:

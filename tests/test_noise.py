@@ -31,13 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL_UNET = {"features": [4, 8, 8, 16, 16]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: tiny nets on a busy 2-core CPU are much slower with thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ball(shape: tuple[int, ...], radius: float, label: int = 1) -> tuple[np.ndarray, np.ndarray]:

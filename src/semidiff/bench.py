@@ -40,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from semidiff.config import apply_overrides, format_validation_error
 from semidiff.errors import ConfigError
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -118,21 +119,14 @@ def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[Be
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(tree, dict) or "bench" not in tree:
         raise ConfigError(f"{path}: a bench config needs a top-level 'bench' section")
-    body = tree["bench"]
     for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("bench."):
+        if not item.startswith("bench."):
             raise ConfigError(f"bench override {item!r}: expected bench.KEY=VALUE")
-        body[key[len("bench."):]] = yaml.safe_load(value)
+    apply_overrides(tree, list(overrides or []))
     try:
-        spec = BenchSpec.model_validate(body)
+        spec = BenchSpec.model_validate(tree["bench"])
     except ValidationError as exc:
-        msg = "; ".join(
-            f"bench.{'.'.join(str(p) for p in e['loc'])}: "
-            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise ConfigError(f"{path}: {msg}") from None
+        raise ConfigError(format_validation_error(exc, str(path), prefix="bench.")) from None
     base = path.resolve().parent
     for m in spec.methods:
         if not (base / m.config).is_file():
@@ -308,10 +302,6 @@ def collect(target: Path) -> list[CellResult]:
         raise ConfigError(f"{target}: neither a bench folder (bench.yaml), a run folder (config.yaml) "
                           "nor a folder of run folders")
     results = []
-    # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
-    order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
-    runs.sort(key=lambda d: (next((i for i, m in enumerate(order) if yaml.safe_load(
-        (d / "config.yaml").read_text()).get("method", {}).get("name") == m), len(order)), d.name))
     for run in runs:
         if not cell_done(run):
             continue
@@ -319,6 +309,9 @@ def collect(target: Path) -> list[CellResult]:
         noise = noise_label(cfg.get("noise") or {})
         results.append(_cell_result(run, cfg["method"]["name"], float(cfg["data"]["labeled"]),
                                     int(cfg["experiment"]["seed"]), noise))
+    # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
+    order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
+    results.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.run_dir.name))
     return results
 
 

@@ -246,10 +246,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
+    """One line per problem, each naming its dotted key (``prefix`` + the key inside the model)."""
     lines = [f"invalid configuration ({source}):"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = prefix + ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
@@ -264,7 +265,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
     # The method's options are typed by the method itself (registry), so check them here too.
     from semidiff.methods import method_options
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from semidiff.methods.base import MethodOptions, NetSpec, Progress, register_method
 from semidiff.methods.common import (
+    StepsOrFraction,
     TeacherOptions,
     TeacherStudentMethod,
     block_mask,
@@ -42,6 +43,7 @@ from semidiff.methods.common import (
     pseudo_label,
     require_unlabeled,
     softmax_probs,
+    steps_from,
 )
 from semidiff.methods.losses import seg_loss
 
@@ -85,26 +87,15 @@ class BCPOptions(TeacherOptions):
             pseudo-labels (BCP's ``nms=1``).
     """
 
-    pretrain_steps: int | float = 0.2
+    pretrain_steps: StepsOrFraction = 0.2
     block_ratio: float = Field(default=2.0 / 3.0, gt=0.0, le=1.0)
     block_position: Literal["random", "center"] = "random"
     u_weight: float = Field(default=0.5, ge=0.0)
     largest_component: bool = True
 
-    @field_validator("pretrain_steps")
-    @classmethod
-    def _check_pretrain(cls, v: float) -> int | float:
-        if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise ValueError("a float is a fraction of train.max_steps in [0, 1]; give steps as an integer")
-        if isinstance(v, int) and v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
     def pretrain_length(self, max_steps: int) -> int:
         """The stage-0 length in steps."""
-        if isinstance(self.pretrain_steps, float):
-            return round(self.pretrain_steps * max_steps)
-        return self.pretrain_steps
+        return steps_from(self.pretrain_steps, max_steps)
 
 
 @register_method("bcp")

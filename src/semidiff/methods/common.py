@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from scipy import ndimage
 from torch import Tensor, nn
 
@@ -57,6 +57,23 @@ def sigmoid_rampup(step: float, ramp_steps: float) -> float:
         return 1.0
     phase = 1.0 - min(max(float(step), 0.0), float(ramp_steps)) / float(ramp_steps)
     return float(math.exp(-5.0 * phase * phase))
+
+
+def _check_steps_or_fraction(v: int | float) -> int | float:
+    if isinstance(v, float) and not 0.0 <= v <= 1.0:
+        raise ValueError("a float is a fraction of train.max_steps in [0, 1]; give steps as an integer")
+    if isinstance(v, int) and v < 0:
+        raise ValueError("must be >= 0")
+    return v
+
+
+#: An option given as a number of steps (int) or as a fraction of ``train.max_steps`` (float).
+StepsOrFraction = Annotated[int | float, AfterValidator(_check_steps_or_fraction)]
+
+
+def steps_from(value: int | float, max_steps: int) -> int:
+    """A :data:`StepsOrFraction` value in steps."""
+    return round(value * max_steps) if isinstance(value, float) else value
 
 
 class RampOptions(MethodOptions):

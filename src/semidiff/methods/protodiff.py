@@ -49,12 +49,14 @@ from semidiff.methods.base import (
 )
 from semidiff.methods.common import (
     RampOptions,
+    StepsOrFraction,
     TeacherOptions,
     block_mask,
     ema_update,
     make_ema_copy,
     mix,
     require_unlabeled,
+    steps_from,
 )
 from semidiff.methods.losses import seg_loss
 from semidiff.nets import create_net
@@ -303,7 +305,7 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
     confidence_threshold: float = Field(default=0.95, ge=0.0, le=1.0)
     lambda_u: float = Field(default=1.0, ge=0.0)
     lambda_p: float = Field(default=0.1, ge=0.0)
-    warmup: int | float = 0.1
+    warmup: StepsOrFraction = 0.1
     jitter_contrast: float = Field(default=0.2, ge=0.0, lt=1.0)
     jitter_brightness: float = Field(default=0.1, ge=0.0)
     blur_prob: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -316,15 +318,6 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
     temperature: float = Field(default=0.1, gt=0.0)
     consistency_weight: float = Field(default=1.0, ge=0.0)
     pixels_per_class: int | None = Field(default=512, ge=1)
-
-    @field_validator("warmup")
-    @classmethod
-    def _check_warmup(cls, v: float) -> int | float:
-        if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            raise ValueError("a float is a fraction of train.max_steps in [0, 1]; give steps as an integer")
-        if isinstance(v, int) and v < 0:
-            raise ValueError("must be >= 0")
-        return v
 
     @field_validator("blur_sigma")
     @classmethod
@@ -343,7 +336,7 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
 
     def warmup_length(self, max_steps: int) -> int:
         """The warm-up length in steps."""
-        return round(self.warmup * max_steps) if isinstance(self.warmup, float) else self.warmup
+        return steps_from(self.warmup, max_steps)
 
     @property
     def uses_infonce(self) -> bool:
