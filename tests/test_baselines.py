@@ -343,7 +343,7 @@ def test_engine_runs_each_baseline(tmp_path: Path, synth_small, name):
     results = train(cfg, log=lambda *_: None)
     rows = []
     for f in sorted((cfg.run_dir() / "csv").glob("version_*/metrics.csv")):
-        rows += [r for r in csv.DictReader(open(f)) if r.get("train/loss")]
+        rows += [r for r in csv.DictReader(f.read_text().splitlines()) if r.get("train/loss")]
     assert len(rows) == 4
     for part in PARTS[name]:
         assert all(math.isfinite(float(r[f"train/{part}"])) for r in rows)

@@ -102,18 +102,20 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
     assert (bench_dir / "table.csv").read_text() == before
 
 
-def _fake_run(run: Path, method: str, labeled: int, seed: int, dice: float, hd95: float) -> None:
+def _fake_run(run: Path, method: str, labeled: int, seed: int, dice: float, hd95: float,
+              options: dict | None = None, folder: str = "eval_val_last") -> None:
     """A finished run folder with known metrics (what training and evaluation would have written)."""
-    (run / "eval_val_last").mkdir(parents=True)
+    (run / folder).mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({
-        "experiment": {"seed": seed}, "data": {"labeled": labeled}, "method": {"name": method}}))
+        "experiment": {"seed": seed}, "data": {"labeled": labeled},
+        "method": {"name": method, "options": options or {}}}))
     (run / "timing.json").write_text(json.dumps({"wall_seconds": 10.0 * (seed + 1), "steps": 10}))
     proto = {"dataset": "d", "split": "val", "cases": 2, "labeled": f"{labeled} cases (first)", "budget": "b",
              "units": "voxels", "empty_rule": "strict", "machine": "m", "semidiff": "0", "date": "now",
              "inference_seconds_per_case": 0.5}
     metric = {"dice": dice, "jaccard": dice / 2, "hd95": hd95, "asd": 1.0}
     per_class = {"fg": {k: {"mean": v} for k, v in metric.items()}}
-    (run / "eval_val_last" / "summary.json").write_text(
+    (run / folder / "summary.json").write_text(
         json.dumps({"protocol": proto, "mean": metric, "per_class": per_class}))
 
 
@@ -123,7 +125,7 @@ def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
         _fake_run(tmp_path / f"r{s}", "mt", 3, s, d, h)
     _fake_run(tmp_path / "other", "sup", 3, 0, 0.1, 9.0)
     write_report(tmp_path, log=lambda _m: None)
-    rows = list(csv.DictReader(open(tmp_path / "table.csv")))
+    rows = list(csv.DictReader((tmp_path / "table.csv").read_text().splitlines()))
     mt = {(r["metric"], r["class"]): (float(r["mean"]), float(r["std"])) for r in rows if r["method"] == "mt"}
     assert mt[("dice", "mean")] == pytest.approx((0.7, 0.2))  # sample std of 0.5, 0.7, 0.9
     assert mt[("hd95", "fg")] == pytest.approx((3.0, 1.0))
@@ -133,6 +135,22 @@ def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
     assert "| mt | 3 | last | 3 | 0.7000 ± 0.2000 |" in text
     assert "| sup | 3 | last | 1 | 0.1000 |" in text  # one seed: no ± claimed
     assert len(collect(tmp_path)) == 4
+
+
+def test_runs_that_differ_in_options_are_rows_not_seeds_and_extra_evaluations_are_rows(tmp_path):
+    # Two seeds of bcp with the usual options, one bcp run with a longer pre-training: not a third seed.
+    _fake_run(tmp_path / "a", "bcp", 7, 0, 0.5, 3.0, {"pretrain_steps": 0.2})
+    _fake_run(tmp_path / "b", "bcp", 7, 1, 0.7, 3.0, {"pretrain_steps": 0.2})
+    _fake_run(tmp_path / "c", "bcp", 7, 0, 0.9, 3.0, {"pretrain_steps": 0.5})
+    # A second evaluation of run a with another output (`semidiff eval --output ds`).
+    _fake_run(tmp_path / "a", "bcp", 7, 0, 0.3, 3.0, {"pretrain_steps": 0.2}, folder="eval_val_last_ds")
+    write_report(tmp_path, log=lambda _m: None)
+    rows = [r for r in csv.DictReader((tmp_path / "table.csv").read_text().splitlines()) if r["metric"] == "dice" and r["class"] == "mean"]
+    dice = {r["method"]: (float(r["mean"]), r["n_seeds"]) for r in rows}
+    assert dice["bcp"] == (pytest.approx(0.6), "2")
+    assert dice["bcp (pretrain_steps=0.5)"] == (pytest.approx(0.9), "1")
+    assert dice["bcp [ds]"] == (pytest.approx(0.3), "1")
+    assert {r.method for r in collect(tmp_path)} == {"bcp", "bcp (pretrain_steps=0.5)", "bcp [ds]"}
 
 
 def test_mean_std_ignores_missing_values():
@@ -181,7 +199,7 @@ def test_noise_axis_skips_supervised_pseudo_cells_and_plots_one_panel_per_kind(t
         (runs / f"r{i}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "noise": noise}))
     write_report(runs, log=lambda _m: None)
     assert (runs / "dice_vs_noise.png").stat().st_size > 5000
-    rows = list(csv.DictReader(open(runs / "table.csv")))
+    rows = list(csv.DictReader((runs / "table.csv").read_text().splitlines()))
     got = {(r["method"], r["noise"]): float(r["mean"]) for r in rows
            if r["metric"] == "dice" and r["class"] == "mean" and r["checkpoint"] == "last"}
     assert got == {("supervised", "clean"): 0.5, ("mean_teacher", "clean"): 0.6,

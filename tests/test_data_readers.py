@@ -178,7 +178,7 @@ def _case_path(root: Path, cid: str) -> Path:
     ],
 )
 def test_bad_case_gives_data_error(la_bad, kind, match):
-    reader, root = la_bad
+    reader, _root = la_bad
     ref = reader.cases("train")[0]
     path = Path(ref.path)
     shape = (6, 5, 4)

@@ -457,3 +457,22 @@ def test_engine_trains_and_eval_reports_the_output(tmp_path: Path):
     protocol = json.loads((run / "eval_val_final_mean" / "protocol.json").read_text())
     assert protocol["method"] == "diffcl" and protocol["output"] == "mean"
     assert main(["eval", str(run), "--checkpoint", "final", "--output", "teacher"]) == 2
+    # DDIM steps change at evaluation and are stated in the header; options that shaped the weights do not.
+    out = tmp_path / "ds_steps1"
+    assert main(["eval", str(run), "--checkpoint", "final", "--output", "ds", "--out", str(out),
+                 "method.options.test_steps=1"]) == 0
+    assert json.loads((out / "protocol.json").read_text())["prediction_options"]["test_steps"] == 1
+    assert main(["eval", str(run), "--checkpoint", "final", "method.options.proj_dim=4"]) == 2
+
+
+def test_eval_options_change_prediction_and_nothing_else():
+    method = _method(2).eval()
+    image = _batch(2)[0]["image"]
+    two_steps = method.predict(image, "ds")  # FAST: test_steps 2
+    method.override_eval_options({"test_steps": 1, "peer": "ds"})  # peer unchanged: accepted
+    assert method.options.test_steps == 1
+    assert not torch.allclose(method.predict(image, "ds"), two_steps)
+    with pytest.raises(ConfigError, match="hfm_radius .*cannot change at evaluation"):
+        method.override_eval_options({"hfm_radius": 0.1})
+    with pytest.raises(ConfigError, match="test_steps"):
+        method.override_eval_options({"test_steps": 0})

@@ -192,18 +192,35 @@ def ddp_runs(tmp_path_factory, ddp_data):
         record.mkdir()
         plan.append([str(path), str(record), [1, NAN_BATCH] if nonfinite == "skip" else None])
         runs[name] = (record, tmp / "runs" / f"ddp_{name}")
+    start = time.perf_counter()
+    proc = _launch(tmp, plan, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"2-process DDP, {len(RUNS)} runs of {STEPS} steps in one launch: {time.perf_counter() - start:.1f} s")
+    return runs
+
+
+def _launch(tmp, plan: list, timeout: float) -> subprocess.CompletedProcess:
+    """Run SCRIPT on ``plan`` as rank 0; Lightning starts rank 1."""
     (tmp / "plan.json").write_text(json.dumps(plan))
     script = tmp / "run_ddp.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(var, None)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(script), str(tmp / "plan.json")], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    print(f"2-process DDP, {len(RUNS)} runs of {STEPS} steps in one launch: {time.perf_counter() - start:.1f} s")
-    return runs
+    return subprocess.run([sys.executable, str(script), str(tmp / "plan.json")], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_two_process_ddp_stop_mode_stops_every_rank(tmp_path, ddp_data):
+    """nonfinite: stop with a NaN loss on rank 1 alone: rank 0 stops at the same step, naming the
+    other process, instead of waiting forever in the next collective (the timeout catches a hang)."""
+    cfg = _config(tmp_path / "runs", ddp_data, devices=2, steps=STEPS, val_every=100)
+    (tmp_path / "stop.json").write_text(json.dumps(cfg))
+    (tmp_path / "record").mkdir()
+    proc = _launch(tmp_path, [[str(tmp_path / "stop.json"), str(tmp_path / "record"), [1, NAN_BATCH]]], timeout=300)
+    assert proc.returncode != 0
+    assert f"non-finite loss at step {NAN_BATCH}: on another process" in proc.stderr  # rank 0
+    assert f"non-finite loss at step {NAN_BATCH}: loss_sup = nan" in proc.stderr  # rank 1
 
 
 def _assert_disjoint_shards(record) -> None:

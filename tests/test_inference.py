@@ -87,7 +87,7 @@ def test_monai_window_positions_equal_classic() -> None:
                 seen: list[int] = []
 
                 def fn(x: torch.Tensor) -> torch.Tensor:
-                    seen.extend(int(v) for v in x[:, 0, 0, 0])
+                    seen.extend(int(v) for v in x[:, 0, 0, 0])  # noqa: B023 (called within this iteration)
                     return torch.ones(x.shape[0], 1, *x.shape[2:])
 
                 coords = torch.arange(size, dtype=torch.float32).view(1, 1, 1, size).expand(1, 1, 2, size)

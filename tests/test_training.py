@@ -37,7 +37,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
     rows = []
     for f in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        rows += [r for r in csv.DictReader(open(f)) if r.get("train/loss")]
+        rows += [r for r in csv.DictReader(f.read_text().splitlines()) if r.get("train/loss")]
     return rows
 
 
@@ -116,7 +116,7 @@ def test_cli_eval_and_predict(tmp_path, synth2d, capsys):
     import SimpleITK as sitk
     from PIL import Image
 
-    case = sorted((synth2d / "cases").glob("*.h5"))[-1]
+    case = max((synth2d / "cases").glob("*.h5"))
     img = np.asarray(h5py.File(case)["image"])
     png = tmp_path / "in.png"
     Image.fromarray(((img - img.min()) / (np.ptp(img)) * 255).astype(np.uint8)).save(png)
@@ -170,7 +170,7 @@ def test_3d_run_with_resampling_and_sliding_window(tmp_path):
     res = train(cfg, log=lambda *_: None)
     import csv
 
-    rows = list(csv.DictReader(open(cfg.run_dir() / "eval_val_last" / "per_case.csv")))
+    rows = list(csv.DictReader((cfg.run_dir() / "eval_val_last" / "per_case.csv").read_text().splitlines()))
     assert len(rows) == 2  # 2 validation cases x 1 foreground class
     summary = res["last"]["summary"]
     assert res["last"]["protocol"]["inference"].startswith("sliding_window, patch [24, 24, 16], stride [8, 8, 8]")

@@ -294,25 +294,73 @@ def collect(target: Path) -> list[CellResult]:
     target = Path(target)
     if (target / "bench.yaml").is_file():
         spec, base = load_bench(target / "bench.yaml")
-        return [_cell_result(target / "runs" / c.name, c.method, c.labeled, c.seed, c.noise)
-                for c in grid_cells(spec, base, target) if cell_done(target / "runs" / c.name)]
+        results = []
+        for c in grid_cells(spec, base, target):
+            if cell_done(run := target / "runs" / c.name):
+                results.append(_cell_result(run, c.method, c.labeled, c.seed, c.noise))
+                results += _extra_output_results(run, c.method, c.labeled, c.seed, c.noise)
+        return results
     runs = [target] if (target / "config.yaml").is_file() else sorted(
         d for d in target.iterdir() if (d / "config.yaml").is_file()) if target.is_dir() else []
     if not runs:
         raise ConfigError(f"{target}: neither a bench folder (bench.yaml), a run folder (config.yaml) "
                           "nor a folder of run folders")
+    done = [(run, yaml.safe_load((run / "config.yaml").read_text())) for run in runs if cell_done(run)]
+    labels = variant_labels([cfg for _, cfg in done])
     results = []
-    for run in runs:
-        if not cell_done(run):
-            continue
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
+    for (run, cfg), label in zip(done, labels):
         noise = noise_label(cfg.get("noise") or {})
-        results.append(_cell_result(run, cfg["method"]["name"], float(cfg["data"]["labeled"]),
-                                    int(cfg["experiment"]["seed"]), noise))
+        labeled, seed = float(cfg["data"]["labeled"]), int(cfg["experiment"]["seed"])
+        results.append(_cell_result(run, label, labeled, seed, noise))
+        results += _extra_output_results(run, label, labeled, seed, noise)
     # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
     order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
-    results.sort(key=lambda r: (order.index(r.method) if r.method in order else len(order), r.run_dir.name))
-    return results
+    base = [r.method.split(" ")[0] for r in results]
+    keyed = sorted(zip(base, results), key=lambda br: (order.index(br[0]) if br[0] in order else len(order),
+                                                       br[1].method, br[1].run_dir.name))
+    return [r for _, r in keyed]
+
+
+def variant_labels(configs: list[dict]) -> list[str]:
+    """Row names for the runs of a folder: the method's name, plus what sets a run apart.
+
+    Runs of one method that differ in ``method.options`` or ``train.max_steps`` are different
+    rows, not seeds of one row. The setting most runs of the method share keeps the plain name;
+    a run that departs from it is named by its differences, e.g. ``bcp (pretrain_steps=0.5)``.
+    """
+    def settings(cfg: dict) -> dict[str, str]:
+        flat = {k: json.dumps(v, sort_keys=True) for k, v in ((cfg.get("method") or {}).get("options") or {}).items()}
+        flat["max_steps"] = json.dumps((cfg.get("train") or {}).get("max_steps"))
+        return flat
+
+    all_settings = [settings(c) for c in configs]
+    names = [(c.get("method") or {}).get("name", "supervised") for c in configs]
+    labels = []
+    for name, mine in zip(names, all_settings):
+        peers = [st for n, st in zip(names, all_settings) if n == name]
+        keys = sorted(set().union(*peers))
+        differing = []
+        for k in keys:
+            values = [st.get(k, "null") for st in peers]
+            common = max(dict.fromkeys(values), key=values.count)  # first most frequent value
+            if mine.get(k, "null") != common:
+                differing.append(f"{k}={json.loads(mine.get(k, 'null'))}")
+        labels.append(f"{name} ({', '.join(differing)})" if differing else name)
+    return labels
+
+
+def _extra_output_results(run: Path, label: str, labeled: float, seed: int, noise: str) -> list[CellResult]:
+    """Rows for the extra evaluations of a run's last checkpoint (``eval_val_last_<name>/``, written by
+    ``semidiff eval --output NAME`` or ``--out``): another output, or other prediction options."""
+    rows = []
+    for d in sorted(run.glob("eval_val_last_*")):
+        summary = _read_json(d / "summary.json")
+        if summary is None:
+            continue
+        suffix = d.name[len("eval_val_last_"):]
+        rows.append(CellResult(f"{label} [{suffix}]", labeled, seed, noise, run, {"last": summary},
+                               _read_json(run / "timing.json") or {}, list(summary["per_class"])))
+    return rows
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -380,17 +428,17 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
         f"- labeled: {values('labeled')}",
         f"- budget: {values('budget')}",
         f"- inference: {values('inference')}; post-processing: {values('post_processing')}",
-        f"- units: {values('units')} (Dice/Jaccard in [0, 1]; HD95/ASD in {values('units')}); "
-        f"empty-mask rule: {values('empty_rule')}",
-        f"- seeds: {', '.join(str(s) for s in sorted({r.seed for r in results}))}; "
-        "cells show mean ± sample std (ddof=1) over seeds of the per-run means over cases",
-        "- checkpoints: `last` = end of training; `best` = best mean validation Dice "
-        "(selected on the reported split: optimistic)",
-        f"- machine: {values('machine')}; python {platform.python_version()}, torch {torch.__version__}, "
-        f"monai {monai.__version__}, lightning {lightning.__version__}, semidiff {values('semidiff')}",
+        (f"- units: {values('units')} (Dice/Jaccard in [0, 1]; HD95/ASD in {values('units')}); "
+         f"empty-mask rule: {values('empty_rule')}"),
+        (f"- seeds: {', '.join(str(s) for s in sorted({r.seed for r in results}))}; "
+         "cells show mean ± sample std (ddof=1) over seeds of the per-run means over cases"),
+        ("- checkpoints: `last` = end of training; `best` = best mean validation Dice "
+         "(selected on the reported split: optimistic)"),
+        (f"- machine: {values('machine')}; python {platform.python_version()}, torch {torch.__version__}, "
+         f"monai {monai.__version__}, lightning {lightning.__version__}, semidiff {values('semidiff')}"),
         f"- dates: {values('date')}",
-        "- cost: s/step = training wall time / steps (validation included); peak memory = peak RSS "
-        "(CPU) or peak CUDA allocation; inference s/case over the validation split",
+        ("- cost: s/step = training wall time / steps (validation included); peak memory = peak RSS "
+         "(CPU) or peak CUDA allocation; inference s/case over the validation split"),
     ]
 
 
@@ -429,6 +477,18 @@ def write_tables(rows: list[dict], header: list[str], out: Path) -> None:
                                 metric, cname or "mean", f"{m:.6g}", f"{s:.6g}"])
 
 
+def _colours(methods) -> dict[str, str]:
+    """One colour per method, the same in every panel and figure of a report."""
+    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(methods))}
+
+
+def _seeds_text(rows: list[dict]) -> str:
+    counts = sorted({len(r["seeds"]) for r in rows})
+    if counts == [1]:
+        return "one seed, no error bars"
+    return f"error bars: std over {'/'.join(map(str, counts))} seeds"
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -450,21 +510,24 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str) -> No
         r = next(r for r in rows if r["method"] == method)
         ax.axhline(r["dice"][0], color="0.3", ls=["--", ":", "-."][i % 3], lw=1,
                    label=f"{method} ({r[axis]:g}): {r['dice'][0]:.3f}")
+    colours = _colours(r["method"] for r in rows)
     rows = [r for r in rows if r["method"] not in reference]
     xs_all = list(dict.fromkeys(r[axis] for r in rows))
     if axis == "labeled":
         xs_all = sorted(xs_all)
     for method in dict.fromkeys(r["method"] for r in rows):
-        pts = [(xs_all.index(r[axis]), r["dice"]) for r in rows if r["method"] == method
+        pts = [(xs_all.index(r[axis]), r["dice"], len(r["seeds"])) for r in rows if r["method"] == method
                and (axis == "noise" or r["noise"] == rows[0]["noise"])]
         if not pts:
             continue
         pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                    marker="o", capsize=3, label=method)
+        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
+                    yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts],
+                    marker="o", capsize=3 if any(p[2] > 1 for p in pts) else 0, color=colours[method], label=method)
     ax.set_xticks(range(len(xs_all)), [f"{x:g}" if isinstance(x, float) else str(x) for x in xs_all])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean Dice (validation, last checkpoint)")
+    ax.set_title(_seeds_text(rows), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(out_file)
@@ -513,26 +576,31 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path) -> None:
 
 def plot_per_class(rows: list[dict], out_file: Path) -> None:
     """Per-class Dice bars, one panel per labeled count, one bar group per class."""
+    from matplotlib.patches import Patch
+
     rows = [r for r in rows if r["checkpoint"] == "last" and r["noise"] == rows[0]["noise"]]
     counts = sorted({r["labeled"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = _colours(methods)
     classes = rows[0]["class_names"]
-    fig = _figure(4.5 * len(counts), 3.8)
-    width = 0.8 / max(1, len(methods))
+    fig = _figure(4.5 * len(counts) + 1.8, 3.8)
     for i, n in enumerate(counts):
         ax = fig.add_subplot(1, len(counts), i + 1)
-        for j, method in enumerate(methods):
-            r = next((r for r in rows if r["method"] == method and r["labeled"] == n), None)
-            if r is None:
-                continue
+        present = [m for m in methods if any(r["method"] == m and r["labeled"] == n for r in rows)]
+        width = 0.8 / max(1, len(present))
+        for j, method in enumerate(present):  # a method missing at this count leaves no gap
+            r = next(r for r in rows if r["method"] == method and r["labeled"] == n)
+            spread = len(r["seeds"]) > 1
             ax.bar(np.arange(len(classes)) + j * width, [r[f"dice/{c}"][0] for c in classes], width,
-                   yerr=[r[f"dice/{c}"][1] for c in classes], capsize=2, label=method)
+                   yerr=[r[f"dice/{c}"][1] for c in classes] if spread else None, capsize=2,
+                   color=colours[method], label=method)
         ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes)
         ax.set_ylim(0, 1)
         ax.set_title(next(r["labeled_text"] for r in rows if r["labeled"] == n), fontsize=9)
-        ax.set_ylabel("Dice")
+        ax.set_ylabel("Dice (validation, last checkpoint)")
         ax.grid(axis="y", alpha=0.3)
-    fig.axes[0].legend(fontsize=7)
+    handles = [Patch(color=colours[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7, title=_seeds_text(rows), title_fontsize=7)
     fig.savefig(out_file)
 
 
@@ -542,40 +610,38 @@ def _read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     for f in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         with open(f) as fh:
             for rec in csv.DictReader(fh):
-                for key in curves:
+                for key, points in curves.items():
                     if rec.get(key) not in (None, ""):
-                        curves[key].append((int(rec["step"]), float(rec[key])))
+                        points.append((int(rec["step"]), float(rec[key])))
     return {k: sorted(dict(v).items()) for k, v in curves.items()}
 
 
 def plot_curves(results: list[CellResult], out_file: Path) -> None:
     """Training loss and validation Dice against step for every run (colour = method)."""
-    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
 
-    fig = _figure(11, 4)
+    fig = _figure(12.5, 4)
     ax_loss, ax_dice = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    methods = list(dict.fromkeys(r.method for r in results))
-    colours = colormaps["tab10"]
+    colours = _colours(r.method for r in results)
     styles = ["-", "--", ":", "-."]
     counts = sorted({r.labeled for r in results})
     for r in results:
         c = _read_curves(r.run_dir)
-        colour, style = colours(methods.index(r.method) % 10), styles[counts.index(r.labeled) % 4]
-        label = f"{r.method}, {r.labeled:g} labeled" if r.seed == min(x.seed for x in results) else None
+        colour, style = colours[r.method], styles[counts.index(r.labeled) % 4]
         if c["train/loss"]:
             steps, vals = zip(*c["train/loss"])
-            ax_loss.plot(steps, vals, style, color=colour, alpha=0.7, lw=0.8, label=label)
+            ax_loss.plot(steps, vals, style, color=colour, alpha=0.7, lw=0.8)
         if c["val/dice_mean"]:
             steps, vals = zip(*c["val/dice_mean"])
-            ax_dice.plot(steps, vals, style, color=colour, marker="o", ms=3, label=label)
-    ax_loss.set(xlabel="step", ylabel="training loss (total)", yscale="log", title="training loss")
+            ax_dice.plot(steps, vals, style, color=colour, marker="o", ms=3)
+    ax_loss.set(xlabel="step", ylabel="training loss (total, method-specific)", yscale="log", title="training loss")
     ax_dice.set(xlabel="step", ylabel="mean Dice", title="validation Dice")
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
-    handles, labels = ax_dice.get_legend_handles_labels() or ax_loss.get_legend_handles_labels()
-    if not handles:
-        handles, labels = ax_loss.get_legend_handles_labels()
-    ax_dice.legend(handles, labels, fontsize=7)
+    # Two keys: colour = method, line style = labeled count.
+    handles = [Line2D([], [], color=colour, label=m) for m, colour in colours.items()]
+    handles += [Line2D([], [], color="0.2", ls=styles[i % 4], label=f"{n:g} labeled") for i, n in enumerate(counts)]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7)
     fig.savefig(out_file)
 
 
@@ -629,12 +695,15 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
                           "eval_val_last/ exist)")
     rows = aggregate(results)
     write_tables(rows, protocol_lines(results, bench_dir), bench_dir)
-    plot_dice_vs(rows, "labeled", bench_dir / "dice_vs_labeled.png", "labeled count")
-    plot_per_class(rows, bench_dir / "per_class.png")
-    if len({r["noise"] for r in rows}) > 1:
-        plot_dice_vs_noise(rows, bench_dir / "dice_vs_noise.png")
-    plot_curves(results, bench_dir / "curves.png")
-    plot_qualitative(results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir))
+    # Figures show each run's default output; extra evaluations ("method [name]") are table rows only.
+    main_rows = [r for r in rows if " [" not in r["method"]]
+    main_results = [r for r in results if " [" not in r.method]
+    plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", "labeled count")
+    plot_per_class(main_rows, bench_dir / "per_class.png")
+    if len({r["noise"] for r in main_rows}) > 1:
+        plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png")
+    plot_curves(main_results, bench_dir / "curves.png")
+    plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir))
     log(f"report of {len(results)} runs: {bench_dir / 'table.md'}")
     return bench_dir / "table.md"
 

@@ -131,6 +131,7 @@ def cmd_eval(args) -> int:
     cfg = module.cfg
     if args.overrides:
         cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), args.overrides), "checkpoint + overrides")
+        module.method.override_eval_options(cfg.method.options)  # e.g. DDIM steps; weights stay as trained
     reader = build_reader(cfg)
     split = args.split or cfg.data.val_split or "holdout"
     if split == "holdout" or (cfg.data.holdout_val is not None and split == cfg.data.val_split):
@@ -269,7 +270,14 @@ def cmd_list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow the options (`eval RUN --output ds method.options.x=1`).
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "train":
             return cmd_train(args)

@@ -100,8 +100,8 @@ class InspectReport:
     def format(self) -> str:
         """Human-readable report for the command line."""
         lines = [
-            f"dataset {self.name} at {self.root}: {self.num_classes} classes, "
-            f"{self.spatial_dims}D training items"
+            (f"dataset {self.name} at {self.root}: {self.num_classes} classes, "
+             f"{self.spatial_dims}D training items")
         ]
         if not self.splits:
             lines.append("  no split lists found")

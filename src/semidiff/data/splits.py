@@ -32,7 +32,7 @@ def _count(value: float, available: int, what: str, fraction: bool) -> int:
     if fraction:
         if not 0.0 < float(value) <= 1.0:
             raise ConfigError(f"a labeled fraction must be in (0, 1], got {value!r}")
-        n = int(round(float(value) * available))
+        n = round(float(value) * available)
     else:
         if float(value) != int(value):
             raise ConfigError(f"the number of labeled {what} must be a whole number, got {value!r}")
@@ -126,7 +126,7 @@ def holdout(
     if isinstance(n_or_fraction, float):
         if not 0.0 < n_or_fraction < 1.0:
             raise ConfigError(f"a holdout fraction must be in (0, 1), got {n_or_fraction!r}")
-        n = max(1, int(round(n_or_fraction * len(groups))))
+        n = max(1, round(n_or_fraction * len(groups)))
     else:
         n = int(n_or_fraction)
     if n < 1:

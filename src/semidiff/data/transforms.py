@@ -208,7 +208,7 @@ def resample_volume(
     if len(factors) != spatial_dims or min(factors) <= 0:
         raise ConfigError(f"need {spatial_dims} positive resampling factors, got {factor!r}")
     spatial = array.shape[array.ndim - spatial_dims :]
-    shape = [max(1, int(round(s * f))) for s, f in zip(spatial, factors)]
+    shape = [max(1, round(s * f)) for s, f in zip(spatial, factors)]
     return _resize(array, shape, is_label)
 
 

@@ -80,13 +80,14 @@ class SemidiffModule(L.LightningModule):
         parts = self.method.training_step(batch["labeled"], batch["unlabeled"], progress)
         bad = [(name, value) for name, value in parts.items() if not torch.isfinite(value).all()]
         bs = batch["labeled"]["image"].shape[0]
-        if self.cfg.train.nonfinite == "skip":
-            if self._any_rank(bool(bad)):
+        # The decision is all-reduced: every DDP process must skip, or stop, at the same step (a
+        # process that stopped alone would leave the others waiting in the next collective).
+        if self._any_rank(bool(bad)):
+            if self.cfg.train.nonfinite == "skip":
                 return self._skip_step(bad, bs)
-        elif bad:
-            name, value = bad[0]
+            where = ", ".join(f"{name} = {_scalar_text(value)}" for name, value in bad) or "on another process"
             raise SemidiffError(
-                f"non-finite loss at step {self.global_step}: {name} = {_scalar_text(value)} "
+                f"non-finite loss at step {self.global_step}: {where} "
                 "(lower train.lr, check the data for NaN, set train.grad_clip, or set "
                 "train.nonfinite=skip to skip such steps)"
             )
@@ -255,7 +256,7 @@ def load_module(checkpoint: str, map_location: str | torch.device = "cpu") -> Se
         raise SemidiffError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # corrupt or not a torch file
+    except Exception as exc:  # noqa: BLE001 (corrupt or not a torch file: any unpickling error)
         raise SemidiffError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if config is None:

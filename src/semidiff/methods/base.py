@@ -66,6 +66,9 @@ class Method(nn.Module):
     #: names of the outputs ``predict(image, output=NAME)`` can give (``semidiff eval --output``).
     #: A method with one output keeps ``("default",)`` and a plain ``predict(image)``.
     outputs: ClassVar[tuple[str, ...]] = ("default",)
+    #: ``method.options`` that only change prediction, so ``semidiff eval`` may override them on a
+    #: trained checkpoint (e.g. DDIM steps); every other option shaped the weights or the training.
+    eval_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__()
@@ -95,6 +98,27 @@ class Method(nn.Module):
         A method with several :attr:`outputs` takes ``predict(image, output=None)`` instead.
         """
         raise NotImplementedError
+
+    def override_eval_options(self, options: dict[str, Any]) -> None:
+        """Apply prediction-time option changes to a trained method (``semidiff eval``).
+
+        Raises:
+            ConfigError: an option is not in :attr:`eval_options`, or a value is invalid.
+        """
+        current = self.options.model_dump()
+        changed = sorted(k for k, v in options.items() if current.get(k, object()) != v)
+        fixed = [k for k in changed if k not in self.eval_options]
+        if fixed:
+            allowed = ", ".join(self.eval_options) or "none"
+            raise ConfigError(f"method.options.{fixed[0]} of {self.name!r} cannot change at evaluation: it shaped the "
+                              f"trained weights or the training (options evaluation may change: {allowed})")
+        if changed:
+            try:
+                self.options = type(self.options).model_validate({**current, **options})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ConfigError(f"method.options.{where} of {self.name!r}: {err['msg']}") from None
 
     @property
     def default_output(self) -> str:

@@ -59,7 +59,7 @@ def sigmoid_rampup(step: float, ramp_steps: float) -> float:
     return float(math.exp(-5.0 * phase * phase))
 
 
-def _check_steps_or_fraction(v: int | float) -> int | float:
+def _check_steps_or_fraction(v: float) -> int | float:
     if isinstance(v, float) and not 0.0 <= v <= 1.0:
         raise ValueError("a float is a fraction of train.max_steps in [0, 1]; give steps as an integer")
     if isinstance(v, int) and v < 0:
@@ -71,7 +71,7 @@ def _check_steps_or_fraction(v: int | float) -> int | float:
 StepsOrFraction = Annotated[int | float, AfterValidator(_check_steps_or_fraction)]
 
 
-def steps_from(value: int | float, max_steps: int) -> int:
+def steps_from(value: float, max_steps: int) -> int:
     """A :data:`StepsOrFraction` value in steps."""
     return round(value * max_steps) if isinstance(value, float) else value
 

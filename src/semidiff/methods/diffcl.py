@@ -295,6 +295,7 @@ class DiffCL(Method):
     options: DiffCLOptions
     uses_unlabeled = True
     outputs: ClassVar[tuple[str, ...]] = ("cs", "ds", "mean")
+    eval_options: ClassVar[tuple[str, ...]] = ("test_steps", "test_output", "ddim_average", "sample_seed")
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__(net, options)

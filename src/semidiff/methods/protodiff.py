@@ -364,6 +364,7 @@ class ProtoDiff(Method):
     uses_unlabeled = True
     #: ``predict`` outputs: DDIM with ``sampling_steps`` steps (the default), or with 1, 3, 5 steps.
     outputs: ClassVar[tuple[str, ...]] = ("ddim", "ddim_s1", "ddim_s3", "ddim_s5")
+    eval_options: ClassVar[tuple[str, ...]] = ("sampling_steps", "sample_seed")
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__(net, options)
