@@ -167,6 +167,26 @@ def test_skip_mode_skips_non_finite_steps_and_still_makes_max_steps_updates(tmp_
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
 
 
+def test_skip_mode_under_bf16_autocast_skips_the_same_steps(tmp_path, data, monkeypatch):
+    """The skip path calls the training closure itself; under bf16 autocast the step must still run
+    in bf16 (Lightning's autocast wraps the training step, inside that closure) and be skipped."""
+    record = _inject_nan_at_batches(monkeypatch)
+    dtypes = []
+    original_forward = SemidiffModule.training_step
+
+    def recording(self, batch, batch_idx):
+        dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return original_forward(self, batch, batch_idx)
+
+    monkeypatch.setattr(SemidiffModule, "training_step", recording)
+    cfg = config_from_dict(_skip_config(tmp_path, data, precision="bf16-mixed"))
+    train(cfg, log=lambda *_: None)
+    final = torch.load(cfg.run_dir() / "checkpoints" / "final.ckpt", weights_only=False)
+    assert final["global_step"] == 6 and final[CHECKPOINT_STATE_KEY] == {"skipped_steps": 2}
+    assert record["step_ends"] == 6
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
 def test_skip_mode_stops_once_max_skips_is_exceeded(tmp_path, data, capsys, monkeypatch):
     _inject_nan_at_batches(monkeypatch)
     tree = _skip_config(tmp_path, data, max_skips=1, val_every=100)
