@@ -698,7 +698,10 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     # Figures show each run's default output; extra evaluations ("method [name]") are table rows only.
     main_rows = [r for r in rows if " [" not in r["method"]]
     main_results = [r for r in results if " [" not in r.method]
-    plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", "labeled count")
+    # "3 patients (first)" -> "labeled patients"; a fraction or mixed units -> "labeled count".
+    units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows if len(str(r["labeled_text"]).split(" ")) > 1}
+    xlabel = f"labeled {units.pop()}" if len(units) == 1 and "of" not in units else "labeled count"
+    plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", xlabel)
     plot_per_class(main_rows, bench_dir / "per_class.png")
     if len({r["noise"] for r in main_rows}) > 1:
         plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png")
