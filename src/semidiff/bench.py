@@ -442,7 +442,7 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     ]
 
 
-def write_tables(rows: list[dict], header: list[str], out: Path) -> None:
+def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[str] | None = None) -> None:
     """``table.md`` (readable) and ``table.csv`` (every number, long form)."""
     lines = ["# Bench results", "", "## Protocol", "", *header, "", "## Accuracy", ""]
     noise_axis = len({r["noise"] for r in rows}) > 1
@@ -463,8 +463,8 @@ def write_tables(rows: list[dict], header: list[str], out: Path) -> None:
             n = len(r["seeds"])
             lines.append(f"| {r['method']} | {r['labeled']:g} | {_fmt(r['s_per_step'], 3, n)} | "
                          f"{_fmt(r['peak_mib'], 0, n)} | {_fmt(r['infer_s_per_case'], 3, n)} |")
-    lines += ["", "Figures: `dice_vs_labeled.png`, `per_class.png`, `curves.png`, `qualitative.png`"
-              + (", `dice_vs_noise.png`" if noise_axis else "") + "."]
+    if figures:
+        lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in figures) + "."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -646,24 +646,29 @@ def plot_curves(results: list[CellResult], out_file: Path) -> None:
 
 
 def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) -> bool:
-    """Image, truth and each method's prediction on the same validation slices (first seed, fewest labels).
+    """Image, truth and each method's prediction on the same validation slices.
+
+    Drawn for the labeled count and seed that the most methods share (fewest labels on a tie).
 
     Uses the ``overlay_slices.npz`` that evaluation writes; returns False when there is none.
     """
-    from semidiff.evaluation.figures import overlay_rgb
+    from matplotlib.patches import Patch
+
+    from semidiff.evaluation.figures import class_colour, overlay_rgb
 
     if max_cases == 0 or not results:
         return False
-    n = min(r.labeled for r in results)
-    seed = min(r.seed for r in results)
-    chosen = {}
-    for r in results:
-        if r.labeled == n and r.seed == seed and r.noise == results[0].noise and r.method not in chosen:
-            f = r.run_dir / "eval_val_last" / "overlay_slices.npz"
-            if f.is_file():
-                chosen[r.method] = np.load(f)
-    if not chosen:
+    with_slices = [r for r in results if r.noise == results[0].noise
+                   and (r.run_dir / "eval_val_last" / "overlay_slices.npz").is_file()]
+    if not with_slices:
         return False
+    # The labeled count and seed where most methods can be compared (fewest labels on a tie).
+    n, seed = max(sorted({(r.labeled, r.seed) for r in with_slices}),
+                  key=lambda ls: len({r.method for r in with_slices if (r.labeled, r.seed) == ls}))
+    chosen = {}
+    for r in with_slices:
+        if (r.labeled, r.seed) == (n, seed) and r.method not in chosen:
+            chosen[r.method] = np.load(r.run_dir / "eval_val_last" / "overlay_slices.npz")
     first = next(iter(chosen.values()))
     cases = [k[len("image/"):] for k in first.files if k.startswith("image/")][:max_cases]
     ncol = 2 + len(chosen)
@@ -682,6 +687,10 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
                 ax.set_title(title, fontsize=8)
             if j == 0:
                 ax.set_ylabel(case, fontsize=7)
+    # Class colours: the foreground classes are 1.. in the order of the summaries' per-class names.
+    names = with_slices[0].class_names
+    fig.legend(handles=[Patch(color=np.asarray(class_colour(i + 1)) / 255.0, label=c) for i, c in enumerate(names)],
+               loc="outside lower center", ncol=len(names), fontsize=8)
     fig.savefig(out_file)
     return True
 
@@ -694,7 +703,6 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
         raise ConfigError(f"{bench_dir}: no finished runs yet (a run is finished once timing.json and "
                           "eval_val_last/ exist)")
     rows = aggregate(results)
-    write_tables(rows, protocol_lines(results, bench_dir), bench_dir)
     # Figures show each run's default output; extra evaluations ("method [name]") are table rows only.
     main_rows = [r for r in rows if " [" not in r["method"]]
     main_results = [r for r in results if " [" not in r.method]
@@ -703,10 +711,16 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     xlabel = f"labeled {units.pop()}" if len(units) == 1 and "of" not in units else "labeled count"
     plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", xlabel)
     plot_per_class(main_rows, bench_dir / "per_class.png")
+    figures = ["dice_vs_labeled.png", "per_class.png", "curves.png"]
     if len({r["noise"] for r in main_rows}) > 1:
         plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png")
+        figures.append("dice_vs_noise.png")
     plot_curves(main_results, bench_dir / "curves.png")
-    plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir))
+    if plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir)):
+        figures.append("qualitative.png")
+    else:
+        (bench_dir / "qualitative.png").unlink(missing_ok=True)  # a stale panel would show other runs
+    write_tables(rows, protocol_lines(results, bench_dir), bench_dir, figures)
     log(f"report of {len(results)} runs: {bench_dir / 'table.md'}")
     return bench_dir / "table.md"
 

@@ -46,7 +46,7 @@ _LEGEND_INCHES = 0.45
 _ALPHA = 0.45
 
 
-def _colour(c: int) -> tuple[int, int, int]:
+def class_colour(c: int) -> tuple[int, int, int]:
     return CLASS_COLOURS[0] if c == 0 else CLASS_COLOURS[1 + (c - 1) % (len(CLASS_COLOURS) - 1)]
 
 
@@ -89,7 +89,7 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
 def label_to_rgb(mask: np.ndarray) -> np.ndarray:
     """``(H, W)`` label map to ``(H, W, 3)`` uint8 colours (background black)."""
     mask = np.asarray(mask).astype(np.int64)
-    lut = np.array([_colour(c) for c in range(int(mask.max(initial=0)) + 1)], dtype=np.uint8)
+    lut = np.array([class_colour(c) for c in range(int(mask.max(initial=0)) + 1)], dtype=np.uint8)
     return lut[np.clip(mask, 0, None)]
 
 
@@ -159,7 +159,7 @@ def _build_figure(rows: Sequence[Row], class_names: Sequence[str] | None, title:
     handles = []
     for c in sorted(ids | present):
         name = str(class_names[c]) if class_names and c < len(class_names) else f"class {c}"
-        handles.append(Patch(facecolor=np.array(_colour(c)) / 255.0, edgecolor="0.3", label=name))
+        handles.append(Patch(facecolor=np.array(class_colour(c)) / 255.0, edgecolor="0.3", label=name))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8,
                    frameon=False, bbox_to_anchor=(0.5, 0.0))
