@@ -495,7 +495,8 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
-def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str) -> None:
+def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
+                 colours: dict[str, str] | None = None) -> None:
     """Mean Dice (last checkpoint, error bar = std over seeds) against labeled count or noise level."""
     fig = _figure(6, 4)
     ax = fig.add_subplot()
@@ -510,7 +511,7 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str) -> No
         r = next(r for r in rows if r["method"] == method)
         ax.axhline(r["dice"][0], color="0.3", ls=["--", ":", "-."][i % 3], lw=1,
                    label=f"{method} ({r[axis]:g}): {r['dice'][0]:.3f}")
-    colours = _colours(r["method"] for r in rows)
+    colours = colours or _colours(r["method"] for r in rows)
     rows = [r for r in rows if r["method"] not in reference]
     xs_all = list(dict.fromkeys(r[axis] for r in rows))
     if axis == "labeled":
@@ -539,7 +540,7 @@ def _noise_kind_amount(label: str) -> tuple[str, str, float]:
     return target, kind, float(amount.lstrip("k"))
 
 
-def plot_dice_vs_noise(rows: list[dict], out_file: Path) -> None:
+def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
     """Mean Dice (last checkpoint) against noise amount, one panel per noise kind.
 
     The clean run is the 0 of every panel; a method with only a clean run (no pseudo-labels to
@@ -557,7 +558,7 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path) -> None:
             clean = mine.get("clean")
             pts = [(_noise_kind_amount(n)[2], d) for n, d in mine.items()
                    if n != "clean" and _noise_kind_amount(n)[:2] == (target, kind)]
-            colour = f"C{j % 10}"
+            colour = (colours or {}).get(method, f"C{j % 10}")
             if not pts and clean is not None:
                 ax.axhline(clean[0], color=colour, ls="--", lw=1, label=f"{method} (no pseudo-labels)")
                 continue
@@ -574,14 +575,14 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path) -> None:
     fig.savefig(out_file)
 
 
-def plot_per_class(rows: list[dict], out_file: Path) -> None:
+def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
     """Per-class Dice bars, one panel per labeled count, one bar group per class."""
     from matplotlib.patches import Patch
 
     rows = [r for r in rows if r["checkpoint"] == "last" and r["noise"] == rows[0]["noise"]]
     counts = sorted({r["labeled"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    colours = _colours(methods)
+    colours = colours or _colours(methods)
     classes = rows[0]["class_names"]
     fig = _figure(4.5 * len(counts) + 1.8, 3.8)
     for i, n in enumerate(counts):
@@ -599,7 +600,7 @@ def plot_per_class(rows: list[dict], out_file: Path) -> None:
         ax.set_title(next(r["labeled_text"] for r in rows if r["labeled"] == n), fontsize=9)
         ax.set_ylabel("Dice (validation, last checkpoint)")
         ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color=colours[m], label=m) for m in methods]
+    handles = [Patch(color=c, label=m) for m, c in colours.items() if m in methods]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, title=_seeds_text(rows), title_fontsize=7)
     fig.savefig(out_file)
 
@@ -616,13 +617,14 @@ def _read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(dict(v).items()) for k, v in curves.items()}
 
 
-def plot_curves(results: list[CellResult], out_file: Path) -> None:
+def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, str] | None = None) -> None:
     """Training loss and validation Dice against step for every run (colour = method)."""
     from matplotlib.lines import Line2D
 
     fig = _figure(12.5, 4)
     ax_loss, ax_dice = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colours = _colours(r.method for r in results)
+    colours = {m: c for m, c in (colours or _colours(r.method for r in results)).items()
+               if any(r.method == m for r in results)}
     styles = ["-", "--", ":", "-."]
     counts = sorted({r.labeled for r in results})
     for r in results:
@@ -709,13 +711,14 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     # "3 patients (first)" -> "labeled patients"; a fraction or mixed units -> "labeled count".
     units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows if len(str(r["labeled_text"]).split(" ")) > 1}
     xlabel = f"labeled {units.pop()}" if len(units) == 1 and "of" not in units else "labeled count"
-    plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", xlabel)
-    plot_per_class(main_rows, bench_dir / "per_class.png")
+    colours = _colours(r.method for r in main_results)  # one colour per method in every figure
+    plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", xlabel, colours)
+    plot_per_class(main_rows, bench_dir / "per_class.png", colours)
     figures = ["dice_vs_labeled.png", "per_class.png", "curves.png"]
     if len({r["noise"] for r in main_rows}) > 1:
-        plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png")
+        plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png", colours)
         figures.append("dice_vs_noise.png")
-    plot_curves(main_results, bench_dir / "curves.png")
+    plot_curves(main_results, bench_dir / "curves.png", colours)
     if plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir)):
         figures.append("qualitative.png")
     else:
