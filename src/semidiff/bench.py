@@ -298,7 +298,7 @@ def collect(target: Path) -> list[CellResult]:
         for c in grid_cells(spec, base, target):
             if cell_done(run := target / "runs" / c.name):
                 results.append(_cell_result(run, c.method, c.labeled, c.seed, c.noise))
-                results += _extra_output_results(run, c.method, c.labeled, c.seed, c.noise)
+                results += _extra_output_results(results[-1])
         return results
     runs = [target] if (target / "config.yaml").is_file() else sorted(
         d for d in target.iterdir() if (d / "config.yaml").is_file()) if target.is_dir() else []
@@ -312,7 +312,7 @@ def collect(target: Path) -> list[CellResult]:
         noise = noise_label(cfg.get("noise") or {})
         labeled, seed = float(cfg["data"]["labeled"]), int(cfg["experiment"]["seed"])
         results.append(_cell_result(run, label, labeled, seed, noise))
-        results += _extra_output_results(run, label, labeled, seed, noise)
+        results += _extra_output_results(results[-1])
     # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
     order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
     base = [r.method.split(" ")[0] for r in results]
@@ -349,18 +349,24 @@ def variant_labels(configs: list[dict]) -> list[str]:
     return labels
 
 
-def _extra_output_results(run: Path, label: str, labeled: float, seed: int, noise: str) -> list[CellResult]:
+def _extra_output_results(base: CellResult) -> list[CellResult]:
     """Rows for the extra evaluations of a run's last checkpoint (``eval_val_last_<name>/``, written by
-    ``semidiff eval --output NAME`` or ``--out``): another output, or other prediction options."""
+    ``semidiff eval --output NAME`` or ``--out``): another output, or other prediction options.
+    They are named ``<row> [<name>]`` and share the run's training cost."""
     rows = []
-    for d in sorted(run.glob("eval_val_last_*")):
+    for d in sorted(base.run_dir.glob("eval_val_last_*")):
         summary = _read_json(d / "summary.json")
         if summary is None:
             continue
         suffix = d.name[len("eval_val_last_"):]
-        rows.append(CellResult(f"{label} [{suffix}]", labeled, seed, noise, run, {"last": summary},
-                               _read_json(run / "timing.json") or {}, list(summary["per_class"])))
+        rows.append(CellResult(f"{base.method} [{suffix}]", base.labeled, base.seed, base.noise, base.run_dir,
+                               {"last": summary}, base.timing, list(summary["per_class"])))
     return rows
+
+
+def is_extra_evaluation(row_name: str) -> bool:
+    """Whether a row is a second evaluation of a run (see :func:`_extra_output_results`)."""
+    return row_name.endswith("]") and " [" in row_name
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -706,8 +712,8 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
                           "eval_val_last/ exist)")
     rows = aggregate(results)
     # Figures show each run's default output; extra evaluations ("method [name]") are table rows only.
-    main_rows = [r for r in rows if " [" not in r["method"]]
-    main_results = [r for r in results if " [" not in r.method]
+    main_rows = [r for r in rows if not is_extra_evaluation(r["method"])]
+    main_results = [r for r in results if not is_extra_evaluation(r.method)]
     # "3 patients (first)" -> "labeled patients"; a fraction or mixed units -> "labeled count".
     units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows if len(str(r["labeled_text"]).split(" ")) > 1}
     xlabel = f"labeled {units.pop()}" if len(units) == 1 and "of" not in units else "labeled count"

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from semidiff.config import format_validation_error
 from semidiff.errors import ConfigError
 from semidiff.noise import apply_noise, make_generator
 
@@ -116,9 +117,8 @@ class Method(nn.Module):
             try:
                 self.options = type(self.options).model_validate({**current, **options})
             except ValidationError as exc:
-                err = exc.errors()[0]
-                where = ".".join(str(p) for p in err["loc"])
-                raise ConfigError(f"method.options.{where} of {self.name!r}: {err['msg']}") from None
+                raise ConfigError(format_validation_error(exc, f"evaluation options of {self.name!r}",
+                                                          prefix="method.options.")) from None
 
     @property
     def default_output(self) -> str:
