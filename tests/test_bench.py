@@ -15,11 +15,13 @@ import pytest
 import yaml
 
 from semidiff.bench import (
+    aggregate,
     cell_done,
     collect,
     grid_cells,
     load_bench,
     mean_std,
+    noise_panels,
     run_bench,
     write_report,
 )
@@ -204,3 +206,23 @@ def test_noise_axis_skips_supervised_pseudo_cells_and_plots_one_panel_per_kind(t
            if r["metric"] == "dice" and r["class"] == "mean" and r["checkpoint"] == "last"}
     assert got == {("supervised", "clean"): 0.5, ("mean_teacher", "clean"): 0.6,
                    ("mean_teacher", "pseudo-flip-0.2"): 0.55, ("mean_teacher", "pseudo-erode-k2"): 0.52}
+
+
+def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path):
+    # A folder of runs (not a bench) holds clean runs at 3 and 7 patients and noisy runs at 7 only.
+    runs = tmp_path / "runs"
+    flip = {"target": "pseudo", "kind": "flip", "rate": 0.3}
+    for i, (method, labeled, noise, dice) in enumerate([
+            ("supervised", 3, {}, 0.40), ("supervised", 7, {}, 0.60), ("mean_teacher", 3, {}, 0.45),
+            ("mean_teacher", 7, {}, 0.65), ("mean_teacher", 7, flip, 0.50)]):
+        _fake_run(runs / f"r{i}", method, labeled, 0, dice, 1.0)
+        cfg = yaml.safe_load((runs / f"r{i}" / "config.yaml").read_text())
+        (runs / f"r{i}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "noise": noise}))
+    rows = aggregate(collect(runs))
+    panels = noise_panels(rows)
+    assert list(panels) == [(7.0, "pseudo", "flip")]
+    points = {m: [(x, d[0], n) for x, d, n in pts] for m, pts in panels[(7.0, "pseudo", "flip")].items()}
+    assert points["mean_teacher"] == [(0.0, pytest.approx(0.65), 1), (0.3, pytest.approx(0.50), 1)]
+    assert points["supervised"] == [(0.0, pytest.approx(0.60), 1)]  # clean only: a reference line
+    write_report(runs, log=lambda _m: None)
+    assert (runs / "dice_vs_noise.png").stat().st_size > 5000

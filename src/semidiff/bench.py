@@ -546,38 +546,60 @@ def _noise_kind_amount(label: str) -> tuple[str, str, float]:
     return target, kind, float(amount.lstrip("k"))
 
 
-def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
-    """Mean Dice (last checkpoint) against noise amount, one panel per noise kind.
+def noise_panels(rows: list[dict]) -> dict[tuple[float, str, str], dict[str, list[tuple[float, tuple]]]]:
+    """Points of the Dice-against-noise figure: panel (labeled, target, kind) -> method -> [(amount, dice)].
 
-    The clean run is the 0 of every panel; a method with only a clean run (no pseudo-labels to
-    corrupt) is drawn as a horizontal reference line.
+    Only labeled counts with at least one noisy run get panels (a folder of runs may hold others).
+    The clean run of the same method and labeled count is the point at amount 0 of every panel; a
+    method with only a clean run there (supervised has no pseudo-labels to corrupt) gets a single
+    point at 0, drawn as a reference line.
     """
     rows = [r for r in rows if r["checkpoint"] == "last"]
-    levels = [_noise_kind_amount(n) for n in dict.fromkeys(r["noise"] for r in rows) if n != "clean"]
-    kinds = list(dict.fromkeys((t, k) for t, k, _ in levels))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig = _figure(4.2 * max(1, len(kinds)), 3.8)
-    for i, (target, kind) in enumerate(kinds):
-        ax = fig.add_subplot(1, len(kinds), i + 1)
-        for j, method in enumerate(methods):
-            mine = {r["noise"]: r["dice"] for r in rows if r["method"] == method}
-            clean = mine.get("clean")
-            pts = [(_noise_kind_amount(n)[2], d) for n, d in mine.items()
-                   if n != "clean" and _noise_kind_amount(n)[:2] == (target, kind)]
-            colour = (colours or {}).get(method, f"C{j % 10}")
-            if not pts and clean is not None:
-                ax.axhline(clean[0], color=colour, ls="--", lw=1, label=f"{method} (no pseudo-labels)")
+    noisy = [r for r in rows if r["noise"] != "clean"]
+    panels: dict[tuple[float, str, str], dict[str, list[tuple[float, tuple]]]] = {}
+    for r in sorted(noisy, key=lambda r: (r["labeled"], r["noise"])):
+        target, kind, _ = _noise_kind_amount(r["noise"])
+        panels.setdefault((r["labeled"], target, kind), {})
+    for (labeled, target, kind), methods in panels.items():
+        for r in rows:
+            if r["labeled"] != labeled:
                 continue
-            if clean is not None:
-                pts = [(0.0, clean), *pts]
-            pts.sort()
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
-                        marker="o", capsize=3, color=colour, label=method)
-        unit = "k (pixels)" if kind in ("erode", "dilate") else "rate"
-        ax.set(xlabel=f"{kind} {unit}", ylabel="mean Dice (validation, last)", title=f"{target}: {kind}")
+            if r["noise"] == "clean":
+                methods.setdefault(r["method"], []).append((0.0, r["dice"], len(r["seeds"])))
+            elif _noise_kind_amount(r["noise"])[:2] == (target, kind):
+                methods.setdefault(r["method"], []).append((_noise_kind_amount(r["noise"])[2], r["dice"],
+                                                            len(r["seeds"])))
+        for pts in methods.values():
+            pts.sort(key=lambda p: p[0])
+    return panels
+
+
+def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None,
+                       unit: str = "labeled") -> None:
+    """Mean Dice (last checkpoint) against noise amount, one panel per labeled count and noise kind.
+
+    Error bars (std over seeds) only where a point has more than one seed.
+    """
+    panels = noise_panels(rows)
+    colours = colours or _colours(r["method"] for r in rows)
+    fig = _figure(4.2 * max(1, len(panels)), 3.8)
+    for i, ((labeled, target, kind), methods) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for method, pts in methods.items():
+            if len(pts) == 1 and pts[0][0] == 0.0:
+                ax.axhline(pts[0][1][0], color=colours.get(method, "0.3"), ls="--", lw=1,
+                           label=f"{method} (clean only)")
+                continue
+            seeded = any(p[2] > 1 for p in pts)
+            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
+                        yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts] if seeded else None,
+                        marker="o", capsize=3 if seeded else 0, color=colours.get(method, "0.3"), label=method)
+        amount = "k (pixels)" if kind in ("erode", "dilate") else "rate"
+        ax.set(xlabel=f"{kind} {amount} (0 = clean run)", ylabel="mean Dice (validation, last)",
+               title=f"{labeled:g} {unit}, {target} labels: {kind}")
         ax.grid(alpha=0.3)
-    if fig.axes:
-        fig.axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(_seeds_text([r for r in rows if r["checkpoint"] == "last"]), fontsize=8)
     fig.savefig(out_file)
 
 
@@ -722,7 +744,8 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     plot_per_class(main_rows, bench_dir / "per_class.png", colours)
     figures = ["dice_vs_labeled.png", "per_class.png", "curves.png"]
     if len({r["noise"] for r in main_rows}) > 1:
-        plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png", colours)
+        plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png", colours,
+                           "labeled" if xlabel == "labeled count" else xlabel.removeprefix("labeled "))
         figures.append("dice_vs_noise.png")
     plot_curves(main_results, bench_dir / "curves.png", colours)
     if plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir)):
