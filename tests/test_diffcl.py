@@ -462,6 +462,8 @@ def test_engine_trains_and_eval_reports_the_output(tmp_path: Path):
     assert main(["eval", str(run), "--checkpoint", "final", "--output", "ds", "--out", str(out),
                  "method.options.test_steps=1"]) == 0
     assert json.loads((out / "protocol.json").read_text())["prediction_options"]["test_steps"] == 1
+    # The CS output uses no DDIM option, so none is stated for it.
+    assert results["last"]["protocol"]["prediction_options"] == {"test_output": "cs"}
     assert main(["eval", str(run), "--checkpoint", "final", "method.options.proj_dim=4"]) == 2
 
 

@@ -429,3 +429,7 @@ def test_engine_runs_protodiff(tmp_path: Path):
     for part in PARTS:
         assert all(math.isfinite(float(r[f"train/{part}"])) for r in rows)
     assert 0.0 <= results["last"]["summary"]["mean"]["dice"] <= 1.0
+    # The protocol states the DDIM steps actually used: the option's, or the output's own count.
+    assert results["last"]["protocol"]["prediction_options"] == {"sampling_steps": 3, "sample_seed": 0}
+    method = create_method("protodiff", NetSpec("protodiff_net", 1, 4, 2, dict(SMALL)), {})
+    assert method.prediction_options("ddim_s1")["sampling_steps"] == 1

@@ -170,7 +170,7 @@ def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str,
     summary = summarize(records, cfg.model.class_names)
     protocol = protocol_header(cfg, split, checkpoint, len(refs), " + ".join(sorted(modes)) or "none", output_name)
     if method.eval_options:  # e.g. DDIM steps: they change the numbers, so the header states them
-        protocol["prediction_options"] = {k: getattr(method.options, k) for k in method.eval_options}
+        protocol["prediction_options"] = method.prediction_options(output_name)
     protocol["inference_seconds_per_case"] = round((time.perf_counter() - start) / max(1, len(refs)), 3)
     write_metrics(records, summary, out_dir, protocol)
     if panel_rows:

@@ -120,6 +120,10 @@ class Method(nn.Module):
                 raise ConfigError(format_validation_error(exc, f"evaluation options of {self.name!r}",
                                                           prefix="method.options.")) from None
 
+    def prediction_options(self, output: str) -> dict[str, Any]:
+        """The prediction-time options that shaped ``output`` (written to ``protocol.json``)."""
+        return {k: getattr(self.options, k) for k in self.eval_options}
+
     @property
     def default_output(self) -> str:
         """The name of what ``predict(image)`` returns (reported in the protocol header)."""

@@ -440,6 +440,12 @@ class DiffCL(Method):
         self._pending_push = None
         self.bank.push(all_gather_padded(features.contiguous()), all_gather_padded(classes.contiguous()))
 
+    def prediction_options(self, output: str) -> dict[str, Any]:
+        """The CS output (and the CS+CS mean) uses no DDIM option; the DS and mean outputs use all of them."""
+        if output == "cs" or self.ds is None:
+            return {"test_output": output}
+        return {**super().prediction_options(output), "test_output": output}
+
     @property
     def default_output(self) -> str:
         """The output :meth:`predict` gives when none is named (``test_output``)."""

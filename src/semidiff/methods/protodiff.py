@@ -29,7 +29,7 @@ predicted class map; nothing here re-implements a sampler.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -431,6 +431,11 @@ class ProtoDiff(Method):
         return probs, last["hidden"]  # type: ignore[return-value]
 
     @torch.no_grad()
+    def prediction_options(self, output: str) -> dict[str, Any]:
+        """``sampling_steps`` as used: an output ``ddim_sN`` samples with N steps, whatever the option says."""
+        steps = self.options.sampling_steps if output == "ddim" else int(output.removeprefix("ddim_s"))
+        return {"sampling_steps": steps, "sample_seed": self.options.sample_seed}
+
     def predict(self, image: Tensor, output: str | None = None) -> Tensor:
         """Class probabilities by latent DDIM, ``z_T`` seeded by ``sample_seed``.
 
