@@ -214,7 +214,7 @@ def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path)
     flip = {"target": "pseudo", "kind": "flip", "rate": 0.3}
     for i, (method, labeled, noise, dice) in enumerate([
             ("supervised", 3, {}, 0.40), ("supervised", 7, {}, 0.60), ("mean_teacher", 3, {}, 0.45),
-            ("mean_teacher", 7, {}, 0.65), ("mean_teacher", 7, flip, 0.50)]):
+            ("mean_teacher", 7, {}, 0.65), ("mean_teacher", 7, flip, 0.50), ("cps", 7, {}, 0.66)]):
         _fake_run(runs / f"r{i}", method, labeled, 0, dice, 1.0)
         cfg = yaml.safe_load((runs / f"r{i}" / "config.yaml").read_text())
         (runs / f"r{i}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "noise": noise}))
@@ -223,6 +223,7 @@ def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path)
     assert list(panels) == [(7.0, "pseudo", "flip")]
     points = {m: [(x, d[0], n) for x, d, n in pts] for m, pts in panels[(7.0, "pseudo", "flip")].items()}
     assert points["mean_teacher"] == [(0.0, pytest.approx(0.65), 1), (0.3, pytest.approx(0.50), 1)]
-    assert points["supervised"] == [(0.0, pytest.approx(0.60), 1)]  # clean only: a reference line
+    assert points["supervised"] == [(0.0, pytest.approx(0.60), 1)]  # no pseudo-labels: a reference line
+    assert "cps" not in points  # makes pseudo-labels but has no noisy run: nothing to compare
     write_report(runs, log=lambda _m: None)
     assert (runs / "dice_vs_noise.png").stat().st_size > 5000

@@ -551,8 +551,8 @@ def noise_panels(rows: list[dict]) -> dict[tuple[float, str, str], dict[str, lis
 
     Only labeled counts with at least one noisy run get panels (a folder of runs may hold others).
     The clean run of the same method and labeled count is the point at amount 0 of every panel; a
-    method with only a clean run there (supervised has no pseudo-labels to corrupt) gets a single
-    point at 0, drawn as a reference line.
+    method with only a clean run there is kept only if it has no pseudo-labels to corrupt
+    (supervised, in a pseudo-label panel): a single point at 0, drawn as a reference line.
     """
     rows = [r for r in rows if r["checkpoint"] == "last"]
     noisy = [r for r in rows if r["noise"] != "clean"]
@@ -569,9 +569,21 @@ def noise_panels(rows: list[dict]) -> dict[tuple[float, str, str], dict[str, lis
             elif _noise_kind_amount(r["noise"])[:2] == (target, kind):
                 methods.setdefault(r["method"], []).append((_noise_kind_amount(r["noise"])[2], r["dice"],
                                                             len(r["seeds"])))
-        for pts in methods.values():
+        for method, pts in list(methods.items()):
             pts.sort(key=lambda p: p[0])
+            if len(pts) == 1 and not (target == "pseudo" and not _uses_unlabeled(method)):
+                del methods[method]  # a clean run whose noisy runs are missing is no reference
     return panels
+
+
+def _uses_unlabeled(row_method: str) -> bool:
+    """Whether a row's method (``bcp``, ``bcp (u_weight=0)``) learns from unlabeled data; True if unknown."""
+    from semidiff.methods import method_class
+
+    try:
+        return method_class(row_method.split(" ")[0]).uses_unlabeled
+    except ConfigError:
+        return True
 
 
 def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None,
