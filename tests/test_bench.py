@@ -23,6 +23,7 @@ from semidiff.bench import (
     mean_std,
     noise_panels,
     run_bench,
+    uses_unlabeled,
     write_report,
 )
 from semidiff.cli import main
@@ -219,7 +220,7 @@ def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path)
         cfg = yaml.safe_load((runs / f"r{i}" / "config.yaml").read_text())
         (runs / f"r{i}" / "config.yaml").write_text(yaml.safe_dump({**cfg, "noise": noise}))
     rows = aggregate(collect(runs))
-    panels = noise_panels(rows)
+    panels = noise_panels(rows, uses_unlabeled(collect(runs)))
     assert list(panels) == [(7.0, "pseudo", "flip")]
     points = {m: [(x, d[0], n) for x, d, n in pts] for m, pts in panels[(7.0, "pseudo", "flip")].items()}
     assert points["mean_teacher"] == [(0.0, pytest.approx(0.65), 1), (0.3, pytest.approx(0.50), 1)]

@@ -546,13 +546,15 @@ def _noise_kind_amount(label: str) -> tuple[str, str, float]:
     return target, kind, float(amount.lstrip("k"))
 
 
-def noise_panels(rows: list[dict]) -> dict[tuple[float, str, str], dict[str, list[tuple[float, tuple]]]]:
+def noise_panels(rows: list[dict], unlabeled: dict[str, bool] | None = None,
+                 ) -> dict[tuple[float, str, str], dict[str, list[tuple[float, tuple]]]]:
     """Points of the Dice-against-noise figure: panel (labeled, target, kind) -> method -> [(amount, dice)].
 
     Only labeled counts with at least one noisy run get panels (a folder of runs may hold others).
     The clean run of the same method and labeled count is the point at amount 0 of every panel; a
     method with only a clean run there is kept only if it has no pseudo-labels to corrupt
-    (supervised, in a pseudo-label panel): a single point at 0, drawn as a reference line.
+    (supervised, in a pseudo-label panel; ``unlabeled`` maps row names to
+    :func:`uses_unlabeled`): a single point at 0, drawn as a reference line.
     """
     rows = [r for r in rows if r["checkpoint"] == "last"]
     noisy = [r for r in rows if r["noise"] != "clean"]
@@ -571,28 +573,29 @@ def noise_panels(rows: list[dict]) -> dict[tuple[float, str, str], dict[str, lis
                                                             len(r["seeds"])))
         for method, pts in list(methods.items()):
             pts.sort(key=lambda p: p[0])
-            if len(pts) == 1 and not (target == "pseudo" and not _uses_unlabeled(method)):
+            if len(pts) == 1 and not (target == "pseudo" and not (unlabeled or {}).get(method, True)):
                 del methods[method]  # a clean run whose noisy runs are missing is no reference
     return panels
 
 
-def _uses_unlabeled(row_method: str) -> bool:
-    """Whether a row's method (``bcp``, ``bcp (u_weight=0)``) learns from unlabeled data; True if unknown."""
+def uses_unlabeled(results: list[CellResult]) -> dict[str, bool]:
+    """Per row name: whether its run's method learns from unlabeled data (from the run's config.yaml)."""
     from semidiff.methods import method_class
 
-    try:
-        return method_class(row_method.split(" ")[0]).uses_unlabeled
-    except ConfigError:
-        return True
+    out: dict[str, bool] = {}
+    for r in results:
+        name = (yaml.safe_load((r.run_dir / "config.yaml").read_text()).get("method") or {}).get("name")
+        out[r.method] = method_class(name).uses_unlabeled if name else True
+    return out
 
 
 def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None,
-                       unit: str = "labeled") -> None:
+                       unit: str = "labeled", unlabeled: dict[str, bool] | None = None) -> None:
     """Mean Dice (last checkpoint) against noise amount, one panel per labeled count and noise kind.
 
     Error bars (std over seeds) only where a point has more than one seed.
     """
-    panels = noise_panels(rows)
+    panels = noise_panels(rows, unlabeled)
     colours = colours or _colours(r["method"] for r in rows)
     fig = _figure(4.2 * max(1, len(panels)), 3.8)
     for i, ((labeled, target, kind), methods) in enumerate(panels.items()):
@@ -757,7 +760,8 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     figures = ["dice_vs_labeled.png", "per_class.png", "curves.png"]
     if len({r["noise"] for r in main_rows}) > 1:
         plot_dice_vs_noise(main_rows, bench_dir / "dice_vs_noise.png", colours,
-                           "labeled" if xlabel == "labeled count" else xlabel.removeprefix("labeled "))
+                           "labeled" if xlabel == "labeled count" else xlabel.removeprefix("labeled "),
+                           uses_unlabeled(main_results))
         figures.append("dice_vs_noise.png")
     plot_curves(main_results, bench_dir / "curves.png", colours)
     if plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir)):
