@@ -478,3 +478,20 @@ def test_eval_options_change_prediction_and_nothing_else():
         method.override_eval_options({"hfm_radius": 0.1})
     with pytest.raises(ConfigError, match="test_steps"):
         method.override_eval_options({"test_steps": 0})
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_ds_image_only_share_trains_ds_from_pure_noise(share):
+    method = _method(2, ds_image_only_share=share)
+    seen = []
+    method.ds.register_forward_pre_hook(lambda _m, args: seen.append(args[2].clone()))
+    labeled, unlabeled = _batch(2, n_l=4, n_u=4)
+    torch.manual_seed(0)
+    method.training_step(labeled, unlabeled, Progress(0, 10))
+    # The last DS call of a step is its training pass (the earlier ones sample pseudo-labels).
+    t = seen[-1]
+    last = method.diffusion.num_train_timesteps - 1
+    if share == 1.0:
+        assert (t == last).all()
+    else:
+        assert len(t) == 8 and (t < last).any()

@@ -207,6 +207,11 @@ class DiffCLOptions(RampOptions):
         ddim_average: DS output = softmax of the ``last`` DDIM step or the ``mean`` over steps.
         sample_seed: Seed of the initial noise of test-time DDIM (training draws from the engine's
             per-step seeded RNG).
+        ds_image_only_share: Share of DS's training samples drawn at ``t = T - 1`` instead of
+            uniformly, where ``y_t`` is almost pure noise and DS must segment from the image (0:
+            uniform ``t``, the paper's setting). DDIM sampling starts there and DS copies its label
+            input at lower ``t``, so DS's samples are only as good as its image-only guess
+            (``benchmarks/ds_label_reliance.py`` measures this).
         ds_net: DS backbone (``unet2d``, ``vnet``, ``unet3d``); None: the same family as
             ``model.net``.
         ds_net_options: Options of the DS backbone; None: ``model.net_options``.
@@ -245,6 +250,7 @@ class DiffCLOptions(RampOptions):
     test_steps: int = Field(default=10, ge=1)
     ddim_average: Literal["last", "mean"] = "last"
     sample_seed: int = 0
+    ds_image_only_share: float = Field(default=0.0, ge=0.0, le=1.0)
 
     ds_net: str | None = None
     ds_net_options: dict[str, Any] | None = None
@@ -395,6 +401,9 @@ class DiffCL(Method):
                 # DS on labeled (true label) and unlabeled (CS's label) images in one pass.
                 target = torch.cat([y_l.long(), plab_cs])
                 t = self.diffusion.sample_timesteps(len(x), x.device)
+                if o.ds_image_only_share > 0:
+                    image_only = torch.rand(len(t), device=t.device) < o.ds_image_only_share
+                    t = torch.where(image_only, self.diffusion.num_train_timesteps - 1, t)
                 y_t, _ = self.diffusion.q_sample(self.diffusion.encode(target), t)
                 logits_ds = self.ds(x, y_t, t)
                 parts["loss_d_sup"] = seg_loss(logits_ds[:n_l], y_l)
