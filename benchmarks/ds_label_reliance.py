@@ -20,9 +20,9 @@ import argparse
 
 import torch
 
+from semidiff.data.transforms import resize_to
 from semidiff.engine.data import build_reader, build_splits
 from semidiff.engine.module import load_module
-from semidiff.data.transforms import resize_to
 
 
 def pooled_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
