@@ -228,3 +228,11 @@ def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path)
     assert "cps" not in points  # makes pseudo-labels but has no noisy run: nothing to compare
     write_report(runs, log=lambda _m: None)
     assert (runs / "dice_vs_noise.png").stat().st_size > 5000
+
+
+def test_protocol_dates_are_a_range_when_many():
+    from semidiff.bench import _date_range
+
+    protos = [{"date": f"2026-11-22 0{h}:00"} for h in (5, 3, 9, 3, 7)]
+    assert _date_range(protos) == "2026-11-22 03:00 to 2026-11-22 09:00 (4 evaluations)"
+    assert _date_range(protos[:2]) == "2026-11-22 03:00 / 2026-11-22 05:00"

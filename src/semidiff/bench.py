@@ -416,6 +416,14 @@ def _fmt(ms: tuple[float, float], digits: int, n: int = 2) -> str:
     return f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _date_range(protos: list[dict]) -> str:
+    """Evaluation dates: all of them when few, else first and last (ISO-like strings sort by time)."""
+    dates = sorted({str(p["date"]) for p in protos if p.get("date")})
+    if len(dates) <= 3:
+        return " / ".join(dates) or "n/a"
+    return f"{dates[0]} to {dates[-1]} ({len(dates)} evaluations)"
+
+
 def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     """The header every table carries: what was measured, how, where and with what software."""
     import lightning
@@ -442,7 +450,7 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
          "(selected on the reported split: optimistic)"),
         (f"- machine: {values('machine')}; python {platform.python_version()}, torch {torch.__version__}, "
          f"monai {monai.__version__}, lightning {lightning.__version__}, semidiff {values('semidiff')}"),
-        f"- dates: {values('date')}",
+        f"- dates: {_date_range(protos)}",
         ("- cost: s/step = training wall time / steps (validation included); peak memory = peak RSS "
          "(CPU) or peak CUDA allocation; inference s/case over the validation split"),
     ]
