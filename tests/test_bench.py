@@ -236,3 +236,19 @@ def test_protocol_dates_are_a_range_when_many():
     protos = [{"date": f"2026-11-22 0{h}:00"} for h in (5, 3, 9, 3, 7)]
     assert _date_range(protos) == "2026-11-22 03:00 to 2026-11-22 09:00 (4 evaluations)"
     assert _date_range(protos[:2]) == "2026-11-22 03:00 / 2026-11-22 05:00"
+
+
+def test_report_colours_are_distinct_and_variants_share_their_methods_hue():
+    from semidiff.bench import _colours
+
+    names = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff",
+             "bcp (u_weight=0)", "bcp (pretrain_steps=0.5)", "diffcl (peer=none)", "protodiff (lambda_u=0)"]
+    colours = _colours(names)
+    assert len(set(colours.values())) == len(names)
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    tab20 = [to_hex(c) for c in colormaps["tab20"].colors]
+    # bcp is tab20's dark shade 4 (index 8); its first variant the light shade of the same hue.
+    assert colours["bcp"] == tab20[8] and colours["bcp (u_weight=0)"] == tab20[9]
+    assert _colours(names[:3]) == {"supervised": "C0", "mean_teacher": "C1", "ua_mt": "C2"}

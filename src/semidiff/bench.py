@@ -492,8 +492,32 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
 
 
 def _colours(methods) -> dict[str, str]:
-    """One colour per method, the same in every panel and figure of a report."""
-    return {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(methods))}
+    """One colour per row, the same in every panel and figure of a report.
+
+    Up to 10 rows get matplotlib's default cycle. More (variant rows such as ``bcp (u_weight=0)``)
+    get ``tab20``: each method its dark shade, its first variant the light shade of the same hue,
+    further rows the unused colours, so no two rows share a colour.
+    """
+    names = list(dict.fromkeys(methods))
+    if len(names) <= 10:
+        return {m: f"C{i}" for i, m in enumerate(names)}
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    tab20 = [to_hex(c) for c in colormaps["tab20"].colors]
+    dark, light = tab20[0::2], tab20[1::2]
+    bases = list(dict.fromkeys(n.split(" ")[0] for n in names))
+    hue = {b: i % 10 for i, b in enumerate(bases)}
+    out: dict[str, str] = {}
+    for n in names:  # methods first: their dark shade
+        if n == n.split(" ")[0]:
+            out[n] = dark[hue[n]]
+    for n in names:  # variants: the light shade of their method's hue, else the first unused colour
+        if n not in out:
+            wanted = [light[hue[n.split(" ")[0]]], dark[hue[n.split(" ")[0]]]]
+            free = [c for c in wanted + tab20 if c not in out.values()]
+            out[n] = free[0] if free else tab20[len(out) % 20]
+    return {n: out[n] for n in names}
 
 
 def _seeds_text(rows: list[dict]) -> str:
@@ -611,7 +635,7 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
         for method, pts in methods.items():
             if len(pts) == 1 and pts[0][0] == 0.0:
                 ax.axhline(pts[0][1][0], color=colours.get(method, "0.3"), ls="--", lw=1,
-                           label=f"{method} (clean only)")
+                           label=f"{method} (no pseudo-labels)")
                 continue
             seeded = any(p[2] > 1 for p in pts)
             ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
@@ -622,7 +646,10 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
                title=f"{labeled:g} {unit}, {target} labels: {kind}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(_seeds_text([r for r in rows if r["checkpoint"] == "last"]), fontsize=8)
+    # The seed count of the curves (reference lines carry no error bar).
+    curves = {(m, labeled) for (labeled, _, _), methods in panels.items() for m, pts in methods.items() if len(pts) > 1}
+    fig.suptitle(_seeds_text([r for r in rows if r["checkpoint"] == "last" and (r["method"], r["labeled"]) in curves]
+                             or rows), fontsize=8)
     fig.savefig(out_file)
 
 
