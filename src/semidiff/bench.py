@@ -740,6 +740,8 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
         return False
     with_slices = [r for r in results if r.noise == results[0].noise
                    and (r.run_dir / "eval_val_last" / "overlay_slices.npz").is_file()]
+    # Variant rows (``bcp (u_weight=0)``) are diagnostics: the panel shows each method once.
+    with_slices = [r for r in with_slices if " (" not in r.method] or with_slices
     if not with_slices:
         return False
     # The labeled count and seed where most methods can be compared (fewest labels on a tie).
