@@ -430,12 +430,23 @@ class ProtoDiff(Method):
                                            x0_transform=reembed, average="mean")
         return probs, last["hidden"]  # type: ignore[return-value]
 
-    @torch.no_grad()
+    def _steps_for(self, output: str | None) -> int:
+        """DDIM steps of an output: ``sampling_steps`` for ``"ddim"`` (or None), N for ``"ddim_sN"``.
+
+        Raises:
+            ConfigError: ``output`` is not one of :attr:`outputs`.
+        """
+        if output is None or output == "ddim":
+            return self.options.sampling_steps
+        if output in self.outputs:
+            return int(output.removeprefix("ddim_s"))
+        raise ConfigError(f"protodiff: unknown output {output!r}; choose one of {', '.join(self.outputs)}")
+
     def prediction_options(self, output: str) -> dict[str, Any]:
         """``sampling_steps`` as used: an output ``ddim_sN`` samples with N steps, whatever the option says."""
-        steps = self.options.sampling_steps if output == "ddim" else int(output.removeprefix("ddim_s"))
-        return {"sampling_steps": steps, "sample_seed": self.options.sample_seed}
+        return {"sampling_steps": self._steps_for(output), "sample_seed": self.options.sample_seed}
 
+    @torch.no_grad()
     def predict(self, image: Tensor, output: str | None = None) -> Tensor:
         """Class probabilities by latent DDIM, ``z_T`` seeded by ``sample_seed``.
 
@@ -448,12 +459,7 @@ class ProtoDiff(Method):
         Raises:
             ConfigError: ``output`` is not one of :attr:`outputs`.
         """
-        if output is None or output == "ddim":
-            steps = self.options.sampling_steps
-        elif output in self.outputs:
-            steps = int(output.removeprefix("ddim_s"))
-        else:
-            raise ConfigError(f"protodiff: unknown output {output!r}; choose one of {', '.join(self.outputs)}")
+        steps = self._steps_for(output)
         net = self.teacher if self.options.eval_model == "teacher" else self.student
         generator = torch.Generator().manual_seed(self.options.sample_seed)
         probs, _ = self.sample(net, image, steps, generator)
