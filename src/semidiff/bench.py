@@ -315,7 +315,7 @@ def collect(target: Path) -> list[CellResult]:
         results += _extra_output_results(results[-1])
     # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
     order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
-    base = [r.method.split(" ")[0] for r in results]
+    base = [base_method(r.method) for r in results]
     keyed = sorted(zip(base, results), key=lambda br: (order.index(br[0]) if br[0] in order else len(order),
                                                        br[1].method, br[1].run_dir.name))
     return [r for _, r in keyed]
@@ -362,6 +362,11 @@ def _extra_output_results(base: CellResult) -> list[CellResult]:
         rows.append(CellResult(f"{base.method} [{suffix}]", base.labeled, base.seed, base.noise, base.run_dir,
                                {"last": summary}, base.timing, list(summary["per_class"])))
     return rows
+
+
+def base_method(row_name: str) -> str:
+    """The method a row belongs to: ``bcp (u_weight=0)`` and ``bcp [ds]`` -> ``bcp``."""
+    return row_name.split(" ")[0]
 
 
 def is_extra_evaluation(row_name: str) -> bool:
@@ -506,15 +511,14 @@ def _colours(methods) -> dict[str, str]:
 
     tab20 = [to_hex(c) for c in colormaps["tab20"].colors]
     dark, light = tab20[0::2], tab20[1::2]
-    bases = list(dict.fromkeys(n.split(" ")[0] for n in names))
-    hue = {b: i % 10 for i, b in enumerate(bases)}
+    hue = {b: i % 10 for i, b in enumerate(dict.fromkeys(base_method(n) for n in names))}
     out: dict[str, str] = {}
     for n in names:  # methods first: their dark shade
-        if n == n.split(" ")[0]:
+        if n == base_method(n):
             out[n] = dark[hue[n]]
     for n in names:  # variants: the light shade of their method's hue, else the first unused colour
         if n not in out:
-            wanted = [light[hue[n.split(" ")[0]]], dark[hue[n.split(" ")[0]]]]
+            wanted = [light[hue[base_method(n)]], dark[hue[base_method(n)]]]
             free = [c for c in wanted + tab20 if c not in out.values()]
             out[n] = free[0] if free else tab20[len(out) % 20]
     return {n: out[n] for n in names}
@@ -589,20 +593,19 @@ def noise_panels(rows: list[dict], unlabeled: dict[str, bool] | None = None,
     :func:`uses_unlabeled`): a single point at 0, drawn as a reference line.
     """
     rows = [r for r in rows if r["checkpoint"] == "last"]
-    noisy = [r for r in rows if r["noise"] != "clean"]
+    # (target, kind, amount) of every row; a clean run is amount 0 of every kind.
+    level = {r["noise"]: _noise_kind_amount(r["noise"]) for r in rows if r["noise"] != "clean"}
     panels: dict[tuple[float, str, str], dict[str, list[tuple[float, tuple]]]] = {}
-    for r in sorted(noisy, key=lambda r: (r["labeled"], r["noise"])):
-        target, kind, _ = _noise_kind_amount(r["noise"])
-        panels.setdefault((r["labeled"], target, kind), {})
+    for r in sorted(rows, key=lambda r: (r["labeled"], r["noise"])):
+        if r["noise"] in level:
+            panels.setdefault((r["labeled"], *level[r["noise"]][:2]), {})
     for (labeled, target, kind), methods in panels.items():
         for r in rows:
             if r["labeled"] != labeled:
                 continue
-            if r["noise"] == "clean":
-                methods.setdefault(r["method"], []).append((0.0, r["dice"], len(r["seeds"])))
-            elif _noise_kind_amount(r["noise"])[:2] == (target, kind):
-                methods.setdefault(r["method"], []).append((_noise_kind_amount(r["noise"])[2], r["dice"],
-                                                            len(r["seeds"])))
+            if r["noise"] == "clean" or level[r["noise"]][:2] == (target, kind):
+                amount = 0.0 if r["noise"] == "clean" else level[r["noise"]][2]
+                methods.setdefault(r["method"], []).append((amount, r["dice"], len(r["seeds"])))
         for method, pts in list(methods.items()):
             pts.sort(key=lambda p: p[0])
             if len(pts) == 1 and not (target == "pseudo" and not (unlabeled or {}).get(method, True)):
@@ -741,7 +744,7 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
     with_slices = [r for r in results if r.noise == results[0].noise
                    and (r.run_dir / "eval_val_last" / "overlay_slices.npz").is_file()]
     # Variant rows (``bcp (u_weight=0)``) are diagnostics: the panel shows each method once.
-    with_slices = [r for r in with_slices if " (" not in r.method] or with_slices
+    with_slices = [r for r in with_slices if r.method == base_method(r.method)] or with_slices
     if not with_slices:
         return False
     # The labeled count and seed where most methods can be compared (fewest labels on a tie).
