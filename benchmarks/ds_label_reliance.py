@@ -52,8 +52,9 @@ def main() -> None:
     if len(cfg.data.patch_size) != 2:
         raise SystemExit(f"{args.checkpoint}: this diagnostic runs on 2D (slice-wise) configs only")
     reader = build_reader(cfg)
+    refs = build_splits(cfg, reader).val[: args.cases]
     images, labels = [], []
-    for ref in build_splits(cfg, reader).val[: args.cases]:
+    for ref in refs:
         case = reader.load(ref)  # (C, D, H, W) image, (D, H, W) label, normalised as in evaluation
         for z in range(0, case.image.shape[1], args.every):
             images.append(resize_to(torch.from_numpy(case.image[:, z]), cfg.data.patch_size, is_label=False))
@@ -61,8 +62,8 @@ def main() -> None:
                                     is_label=True))
     x, y = torch.stack(images).float(), torch.stack(labels)
     k = cfg.model.num_classes
-    print(f"{args.checkpoint}: {len(x)} validation slices from {min(args.cases, len(build_splits(cfg, reader).val))}"
-          f" cases, Dice pooled over slices (diagnostic, not the evaluation protocol)")
+    print(f"{args.checkpoint}: {len(x)} validation slices from {len(refs)} cases, Dice pooled over slices "
+          "(diagnostic, not the evaluation protocol)")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         cs = torch.cat([method.cs(b).argmax(1) for b in x.split(32)])
