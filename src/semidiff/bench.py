@@ -188,9 +188,12 @@ def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
 
 def _makes_pseudo_labels(config: Path) -> bool:
     """Whether the training config's method learns from unlabeled data (supervised does not)."""
+    return _config_uses_unlabeled(yaml.safe_load(config.read_text()) or {})
+
+
+def _config_uses_unlabeled(tree: dict) -> bool:
     from semidiff.methods import method_class
 
-    tree = yaml.safe_load(config.read_text()) or {}
     return method_class((tree.get("method") or {}).get("name", "supervised")).uses_unlabeled
 
 
@@ -274,6 +277,7 @@ class CellResult:
     summaries: dict[str, dict]  # checkpoint -> summary.json
     timing: dict
     class_names: list[str]
+    uses_unlabeled: bool  # whether the run's method learns from unlabeled data (has pseudo-labels)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -283,10 +287,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _cell_result(run: Path, method: str, labeled: float, seed: int, noise: str) -> CellResult:
+def _cell_result(run: Path, cfg: dict, method: str, labeled: float, seed: int, noise: str) -> CellResult:
     sums = {w: s for w in CHECKPOINTS if (s := _read_json(run / f"eval_val_{w}" / "summary.json"))}
     names = list(next(iter(sums.values()))["per_class"])
-    return CellResult(method, labeled, seed, noise, run, sums, _read_json(run / "timing.json") or {}, names)
+    try:
+        unlabeled = _config_uses_unlabeled(cfg)
+    except ConfigError:  # a method this version does not know: the report still reads its numbers
+        unlabeled = True
+    return CellResult(method, labeled, seed, noise, run, sums, _read_json(run / "timing.json") or {}, names,
+                      unlabeled)
 
 
 def collect(target: Path) -> list[CellResult]:
@@ -297,7 +306,8 @@ def collect(target: Path) -> list[CellResult]:
         results = []
         for c in grid_cells(spec, base, target):
             if cell_done(run := target / "runs" / c.name):
-                results.append(_cell_result(run, c.method, c.labeled, c.seed, c.noise))
+                cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+                results.append(_cell_result(run, cfg, c.method, c.labeled, c.seed, c.noise))
                 results += _extra_output_results(results[-1])
         return results
     runs = [target] if (target / "config.yaml").is_file() else sorted(
@@ -311,7 +321,7 @@ def collect(target: Path) -> list[CellResult]:
     for (run, cfg), label in zip(done, labels):
         noise = noise_label(cfg.get("noise") or {})
         labeled, seed = float(cfg["data"]["labeled"]), int(cfg["experiment"]["seed"])
-        results.append(_cell_result(run, label, labeled, seed, noise))
+        results.append(_cell_result(run, cfg, label, labeled, seed, noise))
         results += _extra_output_results(results[-1])
     # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
     order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
@@ -360,7 +370,7 @@ def _extra_output_results(base: CellResult) -> list[CellResult]:
             continue
         suffix = d.name[len("eval_val_last_"):]
         rows.append(CellResult(f"{base.method} [{suffix}]", base.labeled, base.seed, base.noise, base.run_dir,
-                               {"last": summary}, base.timing, list(summary["per_class"])))
+                               {"last": summary}, base.timing, list(summary["per_class"]), base.uses_unlabeled))
     return rows
 
 
@@ -614,14 +624,8 @@ def noise_panels(rows: list[dict], unlabeled: dict[str, bool] | None = None,
 
 
 def uses_unlabeled(results: list[CellResult]) -> dict[str, bool]:
-    """Per row name: whether its run's method learns from unlabeled data (from the run's config.yaml)."""
-    from semidiff.methods import method_class
-
-    out: dict[str, bool] = {}
-    for r in results:
-        name = (yaml.safe_load((r.run_dir / "config.yaml").read_text()).get("method") or {}).get("name")
-        out[r.method] = method_class(name).uses_unlabeled if name else True
-    return out
+    """Per row name: whether its run's method learns from unlabeled data."""
+    return {r.method: r.uses_unlabeled for r in results}
 
 
 def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None,
