@@ -482,3 +482,53 @@ def test_frame_dataset_training_eval_with_ignore_and_palette_predictions(tmp_pat
     ids, pal = read_label_png(outs[0])
     assert Image.open(outs[0]).mode == "P" and pal[: len(PALETTE)] == PALETTE
     assert ids.shape == (H, W) and ids.max() < 5
+
+
+_FRAME_CONFIGS = sorted(p for d in ("endoscapes", "mosxav")
+                        for p in (Path(__file__).resolve().parents[1] / "configs" / d).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", _FRAME_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_frame_dataset_config_matches_its_reader(tmp_path, config):
+    """The EndoScapes and MOSXAV configs fit their reader as shipped (channels, class count and names,
+    splits, reader options): only size, steps and the replica's labeled share are changed, and two
+    training steps with the end-of-training validation run on a replica in the release layout."""
+    from semidiff.config import load_config
+    from semidiff.engine.train import train
+
+    root = tmp_path / "data"
+    (_endoscapes if config.parent.name == "endoscapes" else _mosxav)(root)
+    cfg = load_config(config, [
+        f"data.root={root}", "data.patch_size=[16,32]", "data.num_workers=0",
+        "data.labeled=0.5",  # one of the replica's two training videos/sequences
+        "model.net_options.features=[4,8,8,8,8]",
+        f"experiment.output_dir={tmp_path / 'runs'}", "train.max_steps=2", "train.val_every=2",
+        "train.labeled_batch=2", f"train.unlabeled_batch={2 if 'protodiff' in config.stem else 0}",
+        "train.accelerator=cpu", "train.progress_bar=false", "eval.overlay_cases=0",
+    ])
+    train(cfg, log=lambda *_: None)
+    summary = json.loads((cfg.run_dir() / "eval_val_last" / "summary.json").read_text())
+    assert list(summary["per_class"]) == cfg.model.class_names[1:]
+    assert summary["protocol"]["method"] == cfg.method.name
+    assert np.isfinite(summary["mean"]["dice"])
+
+
+@pytest.mark.parametrize("override, key", [(["model.in_channels=1"], "model.in_channels"),
+                                            (["model.num_classes=3", "model.class_names=null"], "model.num_classes")])
+def test_config_that_does_not_fit_the_data_is_named_before_training(tmp_path, override, key):
+    """RGB EndoScapes frames with a one-channel network, or class ids beyond the network's classes:
+    a ConfigError naming the frame's file and the key to change, before a run folder is made."""
+    from semidiff.config import load_config
+    from semidiff.engine.train import train
+    from semidiff.errors import ConfigError
+
+    root = tmp_path / "data"
+    _endoscapes(root)
+    config = Path(__file__).resolve().parents[1] / "configs" / "endoscapes" / "supervised_full.yaml"
+    cfg = load_config(config, [f"data.root={root}", "data.patch_size=[16,32]", "data.num_workers=0",
+                               "data.labeled=0.5", f"experiment.output_dir={tmp_path / 'runs'}",
+                               "train.accelerator=cpu", *override])
+    with pytest.raises(ConfigError, match=key) as err:
+        train(cfg, log=lambda *_: None)
+    assert str(root) in str(err.value)
+    assert not cfg.run_dir().exists()

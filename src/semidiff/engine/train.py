@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -18,7 +19,7 @@ from semidiff.config import Config
 from semidiff.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from semidiff.engine.data import SemidiffData
 from semidiff.engine.module import SemidiffModule
-from semidiff.errors import SemidiffError
+from semidiff.errors import ConfigError, SemidiffError
 from semidiff.evaluation.evaluate import evaluate
 
 
@@ -76,9 +77,25 @@ def preflight_data(data: SemidiffData) -> None:
     items = data.train_items
     if items.cache:
         for index in range(len(items)):
-            items._case(index)
+            check_case_fits_model(items._case(index), data.cfg)
+    else:  # the first labeled case still shows a config that does not fit the data
+        check_case_fits_model(items._case(0), data.cfg)
     for ref in data.splits.val:
-        data.reader.load(ref)
+        check_case_fits_model(data.reader.load(ref), data.cfg)
+
+
+def check_case_fits_model(case, cfg: Config) -> None:
+    """A case whose channels or class ids the configured network cannot take is a config error
+    that names the file and the key to change, not a shape error deep inside the first step."""
+    if case.image.shape[0] != cfg.model.in_channels:
+        raise ConfigError(f"{case.source}: image has {case.image.shape[0]} channel(s) but model.in_channels is "
+                          f"{cfg.model.in_channels}; set model.in_channels (or the reader's channels option) to match")
+    if case.label is not None:
+        ids = np.unique(case.label)
+        ids = ids[ids != case.meta.get("ignore_index", -1)]
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.model.num_classes):
+            raise ConfigError(f"{case.source}: label holds class id {int(ids.max())} but model.num_classes is "
+                              f"{cfg.model.num_classes} (ids 0..{cfg.model.num_classes - 1}); set model.num_classes")
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print) -> dict:
