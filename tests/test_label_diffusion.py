@@ -124,6 +124,20 @@ def test_sample_timesteps_uniform_range_and_seeded() -> None:
     assert torch.all((counts - 0.2).abs() < 0.05)
 
 
+def test_sample_timesteps_final_share_draws_pure_noise_for_that_share() -> None:
+    diff = LabelDiffusion(2, num_train_timesteps=T)
+    assert (diff.sample_timesteps(50, "cpu", final_share=1.0) == T - 1).all()
+    t = diff.sample_timesteps(4000, "cpu", torch.Generator().manual_seed(1), final_share=0.5)
+    assert torch.equal(t, diff.sample_timesteps(4000, "cpu", torch.Generator().manual_seed(1), final_share=0.5))
+    # Half at T-1, plus the uniform half's own 1/T share of it (binomial std about 0.008).
+    assert abs(float((t == T - 1).float().mean()) - (0.5 + 0.5 / T)) < 0.04
+    rest = t[t != T - 1]
+    assert int(rest.min()) == 0 and int(rest.max()) == T - 2  # the other half stays uniform
+    # Share 0 is exactly the uniform draw: same RNG use, same timesteps.
+    assert torch.equal(diff.sample_timesteps(64, "cpu", torch.Generator().manual_seed(2), final_share=0.0),
+                       diff.sample_timesteps(64, "cpu", torch.Generator().manual_seed(2)))
+
+
 # ---- encoding ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(2, 1, 4, 5), (2, 4, 5), (2, 1, 3, 4, 5), (2, 3, 4, 5)])
 @pytest.mark.parametrize("scale", [1.0, 0.01])

@@ -356,6 +356,19 @@ def test_warmup_is_supervised_only():
     assert method.prototype_ready.all()
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_image_only_share_trains_the_decoder_from_pure_noise(share):
+    method = _method(image_only_share=share)
+    seen = []
+    method.student.register_forward_pre_hook(lambda _m, args: seen.append(args[2].clone()))
+    labeled, unlabeled = _batch(2, n_l=4, n_u=4)
+    method.training_step(labeled, unlabeled, Progress(0, 10))
+    t = torch.cat(seen)  # every student pass of the step (labeled and strong unlabeled views)
+    last = method.diffusion.num_train_timesteps - 1
+    assert len(t) >= 8
+    assert (t == last).all() if share == 1.0 else (t < last).any()
+
+
 @pytest.mark.parametrize("options", [
     {"prototype_loss": "none"},
     {"prototype_loss": "infonce"},
@@ -363,6 +376,7 @@ def test_warmup_is_supervised_only():
     {"sampling_steps": 1},
     {"sampling_steps": 5, "pseudo_label_steps": 2},
     {"label_scale": 0.1},
+    {"label_scale": 1.0, "image_only_share": 0.5},
     {"prototype_momentum": 0.999},
     {"prototype_unlabeled_weight": 0.5, "confidence_threshold": 0.0},
 ])

@@ -231,23 +231,36 @@ class LabelDiffusion:
 
     # ---- forward process -----------------------------------------------------------------------
     def sample_timesteps(
-        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        final_share: float = 0.0,
     ) -> Tensor:
-        """Training timesteps, uniform over ``{0, ..., T-1}``.
+        """Training timesteps, uniform over ``{0, ..., T-1}``, or ``T - 1`` for a share of them.
+
+        At ``t = T - 1`` the noisy label is almost pure noise, so the network must predict from the
+        image alone: the regime DDIM sampling starts in. Under uniform ``t`` a denoiser can meet
+        most of its loss by copying the still-visible label, and its samples are then no better
+        than its rarely trained image-only guess (``benchmarks/label_reliance.py`` measures this).
 
         Args:
             batch: Number of timesteps (one per sample).
             device: Device of the result (default CPU).
             generator: Optional RNG; drawn on its own device, then moved, so a CPU generator works
                 for a GPU batch.
+            final_share: Probability that a sample's timestep is ``T - 1`` instead of uniform
+                (0: uniform, the papers' setting).
 
         Returns:
             ``(batch,)`` long tensor.
         """
         device = torch.device(device if device is not None else "cpu")
-        t = torch.randint(
-            0, self.num_train_timesteps, (batch,), generator=generator, device=_draw_on(generator, device)
-        )
+        draw_on = _draw_on(generator, device)
+        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=draw_on)
+        if final_share > 0:
+            final = torch.rand(batch, generator=generator, device=draw_on) < final_share
+            t = torch.where(final, self.num_train_timesteps - 1, t)
         return t.to(device)
 
     def q_sample(self, y0: Tensor, t: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -211,7 +211,7 @@ class DiffCLOptions(RampOptions):
             uniformly, where ``y_t`` is almost pure noise and DS must segment from the image (0:
             uniform ``t``, the paper's setting). DDIM sampling starts there and DS copies its label
             input at lower ``t``, so DS's samples are only as good as its image-only guess
-            (``benchmarks/ds_label_reliance.py`` measures this).
+            (``benchmarks/label_reliance.py`` measures this).
         ds_net: DS backbone (``unet2d``, ``vnet``, ``unet3d``); None: the same family as
             ``model.net``.
         ds_net_options: Options of the DS backbone; None: ``model.net_options``.
@@ -400,10 +400,7 @@ class DiffCL(Method):
                 pseudo_u = self.corrupt_pseudo(self.sample_ds(x_u, o.pl_steps).argmax(1, keepdim=True))
                 # DS on labeled (true label) and unlabeled (CS's label) images in one pass.
                 target = torch.cat([y_l.long(), plab_cs])
-                t = self.diffusion.sample_timesteps(len(x), x.device)
-                if o.ds_image_only_share > 0:
-                    image_only = torch.rand(len(t), device=t.device) < o.ds_image_only_share
-                    t = torch.where(image_only, self.diffusion.num_train_timesteps - 1, t)
+                t = self.diffusion.sample_timesteps(len(x), x.device, final_share=o.ds_image_only_share)
                 y_t, _ = self.diffusion.q_sample(self.diffusion.encode(target), t)
                 logits_ds = self.ds(x, y_t, t)
                 parts["loss_d_sup"] = seg_loss(logits_ds[:n_l], y_l)

@@ -274,6 +274,10 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
         pseudo_label_steps: DDIM steps of the teacher's pseudo-labels; None uses
             ``sampling_steps``.
         sample_seed: Seed of ``z_T`` in :meth:`ProtoDiff.predict`, so evaluation is repeatable.
+        image_only_share: Share of the training latents noised to ``t = T - 1`` (pure noise: the
+            decoder must segment from the image) instead of uniform ``t`` (0: the paper's uniform
+            ``t``). With a ``label_scale`` large enough for the decoder to see the latent label,
+            uniform ``t`` teaches it to copy the label (``benchmarks/label_reliance.py``).
         confidence_threshold: Unlabeled pixels below it are ignored in ``L_u`` (0.95).
         lambda_u: Weight of ``L_u`` (1.0), ramped by ``r(t)``.
         lambda_p: Weight of ``L_proto`` (0.1), ramped by ``r(t)``.
@@ -302,6 +306,7 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
     sampling_steps: int = Field(default=3, ge=1)
     pseudo_label_steps: int | None = Field(default=None, ge=1)
     sample_seed: int = 0
+    image_only_share: float = Field(default=0.0, ge=0.0, le=1.0)
     confidence_threshold: float = Field(default=0.95, ge=0.0, le=1.0)
     lambda_u: float = Field(default=1.0, ge=0.0)
     lambda_p: float = Field(default=0.1, ge=0.0)
@@ -392,7 +397,7 @@ class ProtoDiff(Method):
     def noisy_latent(self, net: ProtoDiffNet, label: Tensor) -> tuple[Tensor, Tensor]:
         """``(z_t, t)``: the label latent of ``label`` noised at uniform random timesteps."""
         z0 = net.embed(label)
-        t = self.diffusion.sample_timesteps(len(label), label.device)
+        t = self.diffusion.sample_timesteps(len(label), label.device, final_share=self.options.image_only_share)
         z_t, _ = self.diffusion.q_sample(z0, t)
         return z_t, t
 
