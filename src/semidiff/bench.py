@@ -550,9 +550,11 @@ def _figure(width: float, height: float):
 def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
                  colours: dict[str, str] | None = None) -> None:
     """Mean Dice (last checkpoint, error bar = std over seeds) against labeled count or noise level."""
-    fig = _figure(6, 4)
-    ax = fig.add_subplot()
     rows = [r for r in rows if r["checkpoint"] == "last"]
+    # Past a handful of rows an in-axes legend hides the points: it goes to the right of the plot.
+    legend_outside = len({r["method"] for r in rows}) > 8
+    fig = _figure(9 if legend_outside else 6, 4)
+    ax = fig.add_subplot()
     # A row trained at a count no other row uses (the all-labels upper bound) is a reference line.
     by_method: dict[str, set] = {}
     for r in rows:
@@ -582,7 +584,10 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
     ax.set_ylabel("mean Dice (validation, last checkpoint)")
     ax.set_title(_seeds_text(rows), fontsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend_outside:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    else:
+        ax.legend(fontsize=8)
     fig.savefig(out_file)
 
 
