@@ -18,6 +18,7 @@ from semidiff.bench import (
     aggregate,
     cell_done,
     collect,
+    curve_runs,
     grid_cells,
     load_bench,
     mean_std,
@@ -226,6 +227,8 @@ def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path)
     assert points["mean_teacher"] == [(0.0, pytest.approx(0.65), 1), (0.3, pytest.approx(0.50), 1)]
     assert points["supervised"] == [(0.0, pytest.approx(0.60), 1)]  # no pseudo-labels: a reference line
     assert "cps" not in points  # makes pseudo-labels but has no noisy run: nothing to compare
+    # The training curves draw the clean runs only: their key has no place for the noise level.
+    assert sorted(r.run_dir.name for r in curve_runs(collect(runs))) == ["r0", "r1", "r2", "r3", "r5"]
     write_report(runs, log=lambda _m: None)
     assert (runs / "dice_vs_noise.png").stat().st_size > 5000
 

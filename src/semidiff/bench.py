@@ -707,12 +707,22 @@ def _read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {k: sorted(dict(v).items()) for k, v in curves.items()}
 
 
+def curve_runs(results: list[CellResult]) -> list[CellResult]:
+    """The runs the training-curve figure draws: the clean ones when there are any, since colour
+    (method) and line style (labeled count) leave no key for the noise level."""
+    return [r for r in results if r.noise == "clean"] or results
+
+
 def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, str] | None = None) -> None:
     """Training loss and validation Dice against step for every run (colour = method)."""
     from matplotlib.lines import Line2D
 
     fig = _figure(12.5, 4)
     ax_loss, ax_dice = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    drawn = curve_runs(results)
+    if len(drawn) < len(results):
+        fig.suptitle("clean runs only (the noisy runs are in dice_vs_noise.png)", fontsize=8)
+    results = drawn
     colours = {m: c for m, c in (colours or _colours(r.method for r in results)).items()
                if any(r.method == m for r in results)}
     styles = ["-", "--", ":", "-."]
