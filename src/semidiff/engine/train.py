@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from semidiff.config import Config
+from semidiff.data.record import check_label_values
 from semidiff.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from semidiff.engine.data import SemidiffData
 from semidiff.engine.module import SemidiffModule
-from semidiff.errors import ConfigError, SemidiffError
+from semidiff.errors import ConfigError, DataError, SemidiffError
 from semidiff.evaluation.evaluate import evaluate
 
 
@@ -91,11 +91,11 @@ def check_case_fits_model(case, cfg: Config) -> None:
         raise ConfigError(f"{case.source}: image has {case.image.shape[0]} channel(s) but model.in_channels is "
                           f"{cfg.model.in_channels}; set model.in_channels (or the reader's channels option) to match")
     if case.label is not None:
-        ids = np.unique(case.label)
-        ids = ids[ids != case.meta.get("ignore_index", -1)]
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.model.num_classes):
-            raise ConfigError(f"{case.source}: label holds class id {int(ids.max())} but model.num_classes is "
-                              f"{cfg.model.num_classes} (ids 0..{cfg.model.num_classes - 1}); set model.num_classes")
+        n = cfg.model.num_classes
+        try:  # the readers' own label check, against the network's classes instead of the dataset's
+            check_label_values(case.label, set(range(n)), case.source, case.meta.get("ignore_index"))
+        except DataError as exc:
+            raise ConfigError(f"{exc}; model.num_classes is {n} (ids 0..{n - 1}): set model.num_classes") from None
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print) -> dict:
