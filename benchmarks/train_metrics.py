@@ -2,9 +2,10 @@
 
     python benchmarks/train_metrics.py RUN_DIR [RUN_DIR ...] [--steps 800:1000] [--keys loss_sup,conf_ratio]
 
-Reads each run's Lightning CSV log (``RUN_DIR/csv/**/metrics.csv``; a resumed run may have several
-versions, all are read and a step logged twice keeps its last value). The results notes quote
-numbers like "CS's supervised loss over steps 800-1000"; this is the command that gives them.
+Reads each run's Lightning CSV log through ``semidiff.bench.read_logged_scalars`` (every
+``csv/version_N/metrics.csv`` of a resumed run, a step logged twice keeping its last value). The
+results notes quote numbers like "CS's supervised loss over steps 800-1000"; this is the command
+that gives them.
 Training metrics are logged every ``train.log_every`` steps, so a window averages those logged
 points, not every step.
 """
@@ -12,37 +13,27 @@ points, not every step.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
 
-
-def read_train_metrics(run: Path) -> dict[int, dict[str, float]]:
-    """``step -> {metric: value}`` for the ``train/*`` columns of every CSV log under ``run``."""
-    files = sorted(run.glob("csv/**/metrics.csv"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise FileNotFoundError(f"{run}: no csv/**/metrics.csv (is this a semidiff run folder?)")
-    rows: dict[int, dict[str, float]] = {}
-    for f in files:
-        with f.open(newline="") as fh:
-            for rec in csv.DictReader(fh):
-                values = {k.removeprefix("train/"): float(v) for k, v in rec.items()
-                          if k.startswith("train/") and v not in ("", None)}
-                if values:
-                    rows.setdefault(int(rec["step"]), {}).update(values)
-    return rows
+from semidiff.bench import read_logged_scalars
 
 
-def window_means(rows: dict[int, dict[str, float]], first: int, last: int) -> tuple[dict[str, float], int]:
-    """Mean of each metric over the logged steps in ``[first, last]``, and how many steps were logged."""
-    picked = [v for s, v in rows.items() if first <= s <= last]
-    keys = sorted({k for v in picked for k in v})
-    means = {}
-    for k in keys:
-        xs = [v[k] for v in picked if k in v and math.isfinite(v[k])]
-        means[k] = sum(xs) / len(xs) if xs else float("nan")
-    return means, len(picked)
+def window_means(run: Path, first: int, last: int) -> tuple[dict[str, float], int]:
+    """Mean of each ``train/*`` metric of ``run`` over its logged steps in ``[first, last]``, and
+    how many steps in that window logged training metrics."""
+    scalars = read_logged_scalars(run)
+    means, steps = {}, set()
+    for key, points in scalars.items():
+        if not key.startswith("train/"):
+            continue
+        picked = [(s, v) for s, v in points if first <= s <= last]
+        steps.update(s for s, _ in picked)
+        xs = [v for _, v in picked if math.isfinite(v)]
+        if picked:
+            means[key.removeprefix("train/")] = sum(xs) / len(xs) if xs else float("nan")
+    return means, len(steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,11 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps {args.steps!r}: expected FIRST:LAST, e.g. 800:1000")
     table = []
     for run in args.runs:
-        try:
-            means, n = window_means(read_train_metrics(run), first, last)
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
+        if not any((run / "csv").glob("version_*/metrics.csv")):
+            print(f"error: {run}: no csv/version_*/metrics.csv (is this a semidiff run folder?)", file=sys.stderr)
             return 2
+        means, n = window_means(run, first, last)
         if n == 0:
             print(f"error: {run}: no training metrics logged between steps {first} and {last}", file=sys.stderr)
             return 2

@@ -23,6 +23,7 @@ from semidiff.bench import (
     load_bench,
     mean_std,
     noise_panels,
+    read_logged_scalars,
     run_bench,
     uses_unlabeled,
     write_report,
@@ -231,6 +232,22 @@ def test_noise_panels_use_the_clean_run_of_the_same_labeled_count_only(tmp_path)
     assert sorted(r.run_dir.name for r in curve_runs(collect(runs))) == ["r0", "r1", "r2", "r3", "r5"]
     write_report(runs, log=lambda _m: None)
     assert (runs / "dice_vs_noise.png").stat().st_size > 5000
+
+
+def test_logged_scalars_follow_the_resume_order_of_the_csv_versions(tmp_path):
+    # A run started once and resumed ten times: version_10 is the last start although it sorts
+    # before version_2 as text; a step logged by two starts keeps the later start's value.
+    for version, rows in {2: [(9, "0.5", ""), (19, "0.4", "0.30")], 10: [(19, "0.2", ""), (29, "0.1", "0.45")]}.items():
+        d = tmp_path / "csv" / f"version_{version}"
+        d.mkdir(parents=True)
+        with open(d / "metrics.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["epoch", "step", "train/loss", "val/dice_mean"])
+            w.writerows([0, step, loss, dice] for step, loss, dice in rows)
+    assert read_logged_scalars(tmp_path) == {"train/loss": [(9, 0.5), (19, 0.2), (29, 0.1)],
+                                             "val/dice_mean": [(19, 0.30), (29, 0.45)]}
+    # Asked-for keys are present even when never logged.
+    assert read_logged_scalars(tmp_path, ["train/loss_sup"]) == {"train/loss_sup": []}
 
 
 def test_protocol_dates_are_a_range_when_many():

@@ -695,16 +695,23 @@ def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | N
     fig.savefig(out_file)
 
 
-def _read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Logged scalars (``train/loss``, ``val/dice_mean``) over steps from every CSV log version."""
-    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/dice_mean": []}
-    for f in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with open(f) as fh:
+def read_logged_scalars(run_dir: Path, keys: list[str] | None = None) -> dict[str, list[tuple[int, float]]]:
+    """``key -> [(step, value)]`` (sorted by step) from every CSV log version of a run.
+
+    A resumed run has one ``csv/version_N`` folder per start; they are read in start order, so a
+    step logged twice keeps its last value. ``keys``: the columns to read, each in the result even
+    if never logged (None: every logged column but ``epoch`` and ``step``).
+    """
+    points: dict[str, dict[int, float]] = {k: {} for k in keys or []}
+    versions = sorted((run_dir / "csv").glob("version_*/metrics.csv"),
+                      key=lambda f: int(f.parent.name.removeprefix("version_") or 0))
+    for f in versions:
+        with open(f, newline="") as fh:
             for rec in csv.DictReader(fh):
-                for key, points in curves.items():
+                for key in keys or (k for k in rec if k not in ("epoch", "step")):
                     if rec.get(key) not in (None, ""):
-                        points.append((int(rec["step"]), float(rec[key])))
-    return {k: sorted(dict(v).items()) for k, v in curves.items()}
+                        points.setdefault(key, {})[int(rec["step"])] = float(rec[key])
+    return {k: sorted(v.items()) for k, v in points.items()}
 
 
 def curve_runs(results: list[CellResult]) -> list[CellResult]:
@@ -728,7 +735,7 @@ def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, st
     styles = ["-", "--", ":", "-."]
     counts = sorted({r.labeled for r in results})
     for r in results:
-        c = _read_curves(r.run_dir)
+        c = read_logged_scalars(r.run_dir, ["train/loss", "val/dice_mean"])
         colour, style = colours[r.method], styles[counts.index(r.labeled) % 4]
         if c["train/loss"]:
             steps, vals = zip(*c["train/loss"])
