@@ -272,3 +272,15 @@ def test_report_colours_are_distinct_and_variants_share_their_methods_hue():
     # bcp is tab20's dark shade 4 (index 8); its first variant the light shade of the same hue.
     assert colours["bcp"] == tab20[8] and colours["bcp (u_weight=0)"] == tab20[9]
     assert _colours(names[:3]) == {"supervised": "C0", "mean_teacher": "C1", "ua_mt": "C2"}
+
+
+def test_rows_past_twenty_share_colours_but_never_colour_and_marker():
+    from semidiff.bench import _colours, _markers
+
+    names = ["supervised", "mean_teacher", "protodiff"] + [f"protodiff (option={i})" for i in range(20)]
+    colours = _colours(names)
+    assert len(set(colours.values())) == 20  # tab20 is exhausted: colours repeat
+    markers = _markers(colours)
+    looks = {(colours[n], markers[n]) for n in names}
+    assert len(looks) == len(names)
+    assert markers["supervised"] == "o"  # the first row in a colour keeps the plain dot

@@ -511,7 +511,8 @@ def _colours(methods) -> dict[str, str]:
 
     Up to 10 rows get matplotlib's default cycle. More (variant rows such as ``bcp (u_weight=0)``)
     get ``tab20``: each method its dark shade, its first variant the light shade of the same hue,
-    further rows the unused colours, so no two rows share a colour.
+    further rows the unused colours, so up to 20 rows no two share a colour. Past 20 colours repeat;
+    the line figures then tell rows apart by marker (``_markers``).
     """
     names = list(dict.fromkeys(methods))
     if len(names) <= 10:
@@ -532,6 +533,17 @@ def _colours(methods) -> dict[str, str]:
             free = [c for c in wanted + tab20 if c not in out.values()]
             out[n] = free[0] if free else tab20[len(out) % 20]
     return {n: out[n] for n in names}
+
+
+def _markers(colours: dict[str, str]) -> dict[str, str]:
+    """A marker per row: the n-th row drawn in a colour gets the n-th shape, so no two rows look alike."""
+    shapes = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    seen: dict[str, int] = {}
+    out = {}
+    for name, colour in colours.items():
+        out[name] = shapes[seen.get(colour, 0) % len(shapes)]
+        seen[colour] = seen.get(colour, 0) + 1
+    return out
 
 
 def _seeds_text(rows: list[dict]) -> str:
@@ -566,6 +578,7 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
         ax.axhline(r["dice"][0], color="0.3", ls=["--", ":", "-."][i % 3], lw=1,
                    label=f"{method} ({r[axis]:g}): {r['dice'][0]:.3f}")
     colours = colours or _colours(r["method"] for r in rows)
+    markers = _markers(colours)
     rows = [r for r in rows if r["method"] not in reference]
     xs_all = list(dict.fromkeys(r[axis] for r in rows))
     if axis == "labeled":
@@ -578,7 +591,8 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
         pts.sort()
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
                     yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts],
-                    marker="o", capsize=3 if any(p[2] > 1 for p in pts) else 0, color=colours[method], label=method)
+                    marker=markers[method], capsize=3 if any(p[2] > 1 for p in pts) else 0, color=colours[method],
+                    label=method)
     ax.set_xticks(range(len(xs_all)), [f"{x:g}" if isinstance(x, float) else str(x) for x in xs_all])
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean Dice (validation, last checkpoint)")
@@ -641,6 +655,7 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
     """
     panels = noise_panels(rows, unlabeled)
     colours = colours or _colours(r["method"] for r in rows)
+    markers = _markers(colours)
     fig = _figure(4.2 * max(1, len(panels)), 3.8)
     for i, ((labeled, target, kind), methods) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -652,7 +667,8 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
             seeded = any(p[2] > 1 for p in pts)
             ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
                         yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts] if seeded else None,
-                        marker="o", capsize=3 if seeded else 0, color=colours.get(method, "0.3"), label=method)
+                        marker=markers.get(method, "o"), capsize=3 if seeded else 0, color=colours.get(method, "0.3"),
+                        label=method)
         amount = "k (pixels)" if kind in ("erode", "dilate") else "rate"
         ax.set(xlabel=f"{kind} {amount} (0 = clean run)", ylabel="mean Dice (validation, last)",
                title=f"{labeled:g} {unit}, {target} labels: {kind}")
