@@ -274,8 +274,8 @@ def test_report_colours_are_distinct_and_variants_share_their_methods_hue():
     assert _colours(names[:3]) == {"supervised": "C0", "mean_teacher": "C1", "ua_mt": "C2"}
 
 
-def test_rows_past_twenty_share_colours_but_never_colour_and_marker():
-    from semidiff.bench import _colours, _markers
+def test_rows_past_twenty_share_colours_but_never_colour_and_marker_or_hatch():
+    from semidiff.bench import _colours, _hatches, _markers
 
     names = ["supervised", "mean_teacher", "protodiff"] + [f"protodiff (option={i})" for i in range(20)]
     colours = _colours(names)
@@ -284,3 +284,6 @@ def test_rows_past_twenty_share_colours_but_never_colour_and_marker():
     looks = {(colours[n], markers[n]) for n in names}
     assert len(looks) == len(names)
     assert markers["supervised"] == "o"  # the first row in a colour keeps the plain dot
+    hatches = _hatches(colours)
+    assert len({(colours[n], hatches[n]) for n in names}) == len(names)
+    assert hatches["supervised"] == ""  # and the plain bar

@@ -512,7 +512,7 @@ def _colours(methods) -> dict[str, str]:
     Up to 10 rows get matplotlib's default cycle. More (variant rows such as ``bcp (u_weight=0)``)
     get ``tab20``: each method its dark shade, its first variant the light shade of the same hue,
     further rows the unused colours, so up to 20 rows no two share a colour. Past 20 colours repeat;
-    the line figures then tell rows apart by marker (``_markers``).
+    the line figures then tell rows apart by marker (``_markers``), the bar figure by hatch (``_hatches``).
     """
     names = list(dict.fromkeys(methods))
     if len(names) <= 10:
@@ -535,15 +535,26 @@ def _colours(methods) -> dict[str, str]:
     return {n: out[n] for n in names}
 
 
+def _colour_rank(colours: dict[str, str]) -> dict[str, int]:
+    """How many earlier rows share each row's colour (0 for the first): the key of its second style."""
+    seen: dict[str, int] = {}
+    rank = {}
+    for name, colour in colours.items():
+        rank[name] = seen.get(colour, 0)
+        seen[colour] = rank[name] + 1
+    return rank
+
+
 def _markers(colours: dict[str, str]) -> dict[str, str]:
     """A marker per row: the n-th row drawn in a colour gets the n-th shape, so no two rows look alike."""
     shapes = ["o", "s", "^", "D", "v", "P", "X", "*"]
-    seen: dict[str, int] = {}
-    out = {}
-    for name, colour in colours.items():
-        out[name] = shapes[seen.get(colour, 0) % len(shapes)]
-        seen[colour] = seen.get(colour, 0) + 1
-    return out
+    return {name: shapes[n % len(shapes)] for name, n in _colour_rank(colours).items()}
+
+
+def _hatches(colours: dict[str, str]) -> dict[str, str]:
+    """The bar-figure twin of ``_markers``: the n-th row in a colour gets the n-th hatch (none first)."""
+    patterns = ["", "//", "..", "xx", "\\\\", "++", "oo", "**"]
+    return {name: patterns[n % len(patterns)] for name, n in _colour_rank(colours).items()}
 
 
 def _seeds_text(rows: list[dict]) -> str:
@@ -689,6 +700,7 @@ def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | N
     counts = sorted({r["labeled"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = colours or _colours(methods)
+    hatches = _hatches(colours)
     classes = rows[0]["class_names"]
     fig = _figure(4.5 * len(counts) + 1.8, 3.8)
     for i, n in enumerate(counts):
@@ -700,13 +712,13 @@ def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | N
             spread = len(r["seeds"]) > 1
             ax.bar(np.arange(len(classes)) + j * width, [r[f"dice/{c}"][0] for c in classes], width,
                    yerr=[r[f"dice/{c}"][1] for c in classes] if spread else None, capsize=2,
-                   color=colours[method], label=method)
+                   color=colours[method], hatch=hatches[method], label=method)
         ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes)
         ax.set_ylim(0, 1)
         ax.set_title(next(r["labeled_text"] for r in rows if r["labeled"] == n), fontsize=9)
         ax.set_ylabel("Dice (validation, last checkpoint)")
         ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color=c, label=m) for m, c in colours.items() if m in methods]
+    handles = [Patch(facecolor=c, hatch=hatches[m], label=m) for m, c in colours.items() if m in methods]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, title=_seeds_text(rows), title_fontsize=7)
     fig.savefig(out_file)
 
@@ -746,8 +758,9 @@ def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, st
     if len(drawn) < len(results):
         fig.suptitle("clean runs only (the noisy runs are in dice_vs_noise.png)", fontsize=8)
     results = drawn
-    colours = {m: c for m, c in (colours or _colours(r.method for r in results)).items()
-               if any(r.method == m for r in results)}
+    colours = colours or _colours(r.method for r in results)
+    markers = _markers(colours)  # before dropping the undrawn rows: each row keeps its marker of the other figures
+    colours = {m: c for m, c in colours.items() if any(r.method == m for r in results)}
     styles = ["-", "--", ":", "-."]
     counts = sorted({r.labeled for r in results})
     for r in results:
@@ -758,13 +771,13 @@ def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, st
             ax_loss.plot(steps, vals, style, color=colour, alpha=0.7, lw=0.8)
         if c["val/dice_mean"]:
             steps, vals = zip(*c["val/dice_mean"])
-            ax_dice.plot(steps, vals, style, color=colour, marker="o", ms=3)
+            ax_dice.plot(steps, vals, style, color=colour, marker=markers[r.method], ms=3)
     ax_loss.set(xlabel="step", ylabel="training loss (total, method-specific)", yscale="log", title="training loss")
     ax_dice.set(xlabel="step", ylabel="mean Dice", title="validation Dice")
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
     # Two keys: colour = method, line style = labeled count.
-    handles = [Line2D([], [], color=colour, label=m) for m, colour in colours.items()]
+    handles = [Line2D([], [], color=colour, marker=markers[m], ms=3, label=m) for m, colour in colours.items()]
     handles += [Line2D([], [], color="0.2", ls=styles[i % 4], label=f"{n:g} labeled") for i, n in enumerate(counts)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7)
     fig.savefig(out_file)
