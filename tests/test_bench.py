@@ -287,3 +287,35 @@ def test_rows_past_twenty_share_colours_but_never_colour_and_marker_or_hatch():
     hatches = _hatches(colours)
     assert len({(colours[n], hatches[n]) for n in names}) == len(names)
     assert hatches["supervised"] == ""  # and the plain bar
+
+
+def test_variant_rows_get_their_own_figure_beside_their_methods_default(tmp_path):
+    from semidiff.bench import is_variant, variant_groups
+
+    runs = tmp_path / "runs"
+    specs = [("supervised", 3, 0, {}, 0.40), ("supervised", 7, 0, {}, 0.60),
+             ("bcp", 3, 0, {"u_weight": 1.0}, 0.45), ("bcp", 7, 0, {"u_weight": 1.0}, 0.62),
+             ("bcp", 7, 1, {"u_weight": 1.0}, 0.66), ("bcp", 7, 0, {"u_weight": 0.0}, 0.58),
+             ("supervised", 7, 1, {}, 0.61), ("bcp", 3, 1, {"u_weight": 1.0}, 0.47)]
+    for i, (method, labeled, seed, options, dice) in enumerate(specs):
+        _fake_run(runs / f"r{i}", method, labeled, seed, dice, 1.0, options=options)
+    rows = aggregate(collect(runs))
+    assert [r["method"] for r in rows if is_variant(r["method"])] == ["bcp (u_weight=0.0)"]
+    groups = variant_groups(rows)
+    # One cell has a variant (7 labeled, clean); there BCP's default comes first, then its variant;
+    # supervised has no variant, so it is not in the figure.
+    assert list(groups) == [(7.0, "clean")]
+    got = [(r["method"], r["seeds"], round(r["dice"][0], 4)) for r in groups[(7.0, "clean")]]
+    assert got == [("bcp", [0, 1], 0.64), ("bcp (u_weight=0.0)", [0], 0.58)]
+
+    write_report(runs, log=lambda _m: None)
+    assert (runs / "variants.png").stat().st_size > 5000
+    assert "`variants.png`" in (runs / "table.md").read_text()
+    assert "| bcp (u_weight=0.0) | 7 |" in (runs / "table.md").read_text()  # still a table row
+    # Without variants the figure is not drawn, and a stale one from an earlier report is removed.
+    import shutil
+
+    shutil.rmtree(runs / "r5")
+    write_report(runs, log=lambda _m: None)
+    assert not (runs / "variants.png").exists()
+    assert "variants.png" not in (runs / "table.md").read_text()

@@ -384,6 +384,27 @@ def is_extra_evaluation(row_name: str) -> bool:
     return row_name.endswith("]") and " [" in row_name
 
 
+def is_variant(row_name: str) -> bool:
+    """Whether a row is a method run with other settings (``bcp (u_weight=0)``), not the method's default."""
+    return not is_extra_evaluation(row_name) and row_name != base_method(row_name)
+
+
+def variant_groups(rows: list[dict]) -> dict[tuple[float, str], list[dict]]:
+    """The rows of the variants figure: (labeled, noise) -> rows, last checkpoint.
+
+    Only (labeled, noise) cells with a variant row; in them each method that has variants, its default
+    row first (when it was run there) and then its variants, methods in table order.
+    """
+    rows = [r for r in rows if r["checkpoint"] == "last" and not is_extra_evaluation(r["method"])]
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for cell in dict.fromkeys((r["labeled"], r["noise"]) for r in rows if is_variant(r["method"])):
+        here = [r for r in rows if (r["labeled"], r["noise"]) == cell]
+        bases = dict.fromkeys(base_method(r["method"]) for r in here if is_variant(r["method"]))
+        groups[cell] = [r for b in bases for r in sorted(
+            (r for r in here if base_method(r["method"]) == b), key=lambda r: is_variant(r["method"]))]
+    return groups
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1; 0 for a single value) of finite values."""
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
@@ -723,6 +744,43 @@ def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | N
     fig.savefig(out_file)
 
 
+def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
+    """Each variant row's mean Dice beside its method's default, one panel per (labeled, noise) cell.
+
+    A dot per row (error bar = std over seeds where there are several), the row's name on the axis,
+    its value beside it, and the default's value as a dashed line through its method's rows.
+    """
+    groups = variant_groups(rows)
+    colours = colours or _colours(base_method(r["method"]) for g in groups.values() for r in g)
+    heights = [len(g) for g in groups.values()]
+    fig = _figure(8.5, 0.8 + 0.27 * sum(heights) + 0.5 * len(groups))
+    axes = fig.subplots(len(groups), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, ((labeled, noise), group) in zip(axes, groups.items()):
+        ys = np.arange(len(group))[::-1]
+        for y, r in zip(ys, group):
+            n = len(r["seeds"])
+            colour = colours.get(base_method(r["method"]), "0.3")
+            ax.errorbar(r["dice"][0], y, xerr=r["dice"][1] if n > 1 else None, fmt="o" if is_variant(r["method"])
+                        else "D", color=colour, capsize=3)
+            seeds = f"  ({n} seeds)" if n > 1 else ""
+            ax.annotate(f"{r['dice'][0]:.3f}{seeds}", (r["dice"][0], y), xytext=(6, 3), textcoords="offset points",
+                        fontsize=7)
+        for b in dict.fromkeys(base_method(r["method"]) for r in group):
+            mine = [(y, r) for y, r in zip(ys, group) if base_method(r["method"]) == b]
+            default = next((r for _, r in mine if not is_variant(r["method"])), None)
+            if default is not None:
+                ax.vlines(default["dice"][0], min(y for y, _ in mine) - 0.4, max(y for y, _ in mine) + 0.4,
+                          colors=colours.get(b, "0.3"), linestyles="--", lw=1)
+        ax.set_yticks(ys, [r["method"] + ("  [default]" if not is_variant(r["method"]) else "") for r in group],
+                      fontsize=7)
+        ax.set_ylim(-0.6, len(group) - 0.4)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{group[0]['labeled_text']}, {noise}: variants against their method's default (dashed)",
+                     fontsize=8)
+    axes[-1].set_xlabel("mean Dice (validation, last checkpoint)")
+    fig.savefig(out_file)
+
+
 def read_logged_scalars(run_dir: Path, keys: list[str] | None = None) -> dict[str, list[tuple[int, float]]]:
     """``key -> [(step, value)]`` (sorted by step) from every CSV log version of a run.
 
@@ -844,8 +902,10 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
                           "eval_val_last/ exist)")
     rows = aggregate(results)
     # Figures show each run's default output; extra evaluations ("method [name]") are table rows only.
-    main_rows = [r for r in rows if not is_extra_evaluation(r["method"])]
-    main_results = [r for r in results if not is_extra_evaluation(r.method)]
+    # Variant rows ("bcp (u_weight=0)") get a figure of their own beside their method's default: in
+    # the method figures a dozen single-point variants bury the comparison the figures are for.
+    main_rows = [r for r in rows if not is_extra_evaluation(r["method"]) and not is_variant(r["method"])]
+    main_results = [r for r in results if not is_extra_evaluation(r.method) and not is_variant(r.method)]
     # "3 patients (first)" -> "labeled patients"; a fraction or mixed units -> "labeled count".
     units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows if len(str(r["labeled_text"]).split(" ")) > 1}
     xlabel = f"labeled {units.pop()}" if len(units) == 1 and "of" not in units else "labeled count"
@@ -859,6 +919,11 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
                            uses_unlabeled(main_results))
         figures.append("dice_vs_noise.png")
     plot_curves(main_results, bench_dir / "curves.png", colours)
+    if variant_groups(rows):
+        plot_variants(rows, bench_dir / "variants.png", colours)
+        figures.append("variants.png")
+    else:
+        (bench_dir / "variants.png").unlink(missing_ok=True)
     if plot_qualitative(main_results, bench_dir / "qualitative.png", max_cases=_qualitative_cases(bench_dir)):
         figures.append("qualitative.png")
     else:
