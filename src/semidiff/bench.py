@@ -748,7 +748,8 @@ def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | No
     """Each variant row's mean Dice beside its method's default, one panel per (labeled, noise) cell.
 
     A dot per row (error bar = std over seeds where there are several), the row's name on the axis,
-    its value beside it, and the default's value as a dashed line through its method's rows.
+    its value beside it, and the default's value as a dashed line through its method's rows; the
+    supervised run of the same cell, when there is one, as a dotted line across the panel.
     """
     groups = variant_groups(rows)
     colours = colours or _colours(base_method(r["method"]) for g in groups.values() for r in g)
@@ -771,9 +772,18 @@ def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | No
             if default is not None:
                 ax.vlines(default["dice"][0], min(y for y, _ in mine) - 0.4, max(y for y, _ in mine) + 0.4,
                           colors=colours.get(b, "0.3"), linestyles="--", lw=1)
+        # Labels alone, same count and noise: the bar every semi-supervised row has to clear.
+        sup = next((r for r in rows if (r["method"], r["labeled"], r["noise"], r["checkpoint"])
+                    == ("supervised", labeled, noise, "last")), None)
+        if sup is not None and "supervised" not in {base_method(r["method"]) for r in group}:
+            ax.axvline(sup["dice"][0], color="0.4", ls=":", lw=1.2,
+                       label=f"supervised, same labels: {sup['dice'][0]:.3f}")
+            ax.legend(fontsize=7, loc="lower left")
         ax.set_yticks(ys, [r["method"] + ("  [default]" if not is_variant(r["method"]) else "") for r in group],
                       fontsize=7)
         ax.set_ylim(-0.6, len(group) - 0.4)
+        right = max([r["dice"][0] + r["dice"][1] for r in group] + ([sup["dice"][0]] if sup else []))
+        ax.set_xlim(right=right + 0.08)  # room for the values written beside the dots
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(f"{group[0]['labeled_text']}, {noise}: variants against their method's default (dashed)",
                      fontsize=8)
