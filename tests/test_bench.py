@@ -156,6 +156,8 @@ def test_runs_that_differ_in_options_are_rows_not_seeds_and_extra_evaluations_ar
     assert dice["bcp (pretrain_steps=0.5)"] == (pytest.approx(0.9), "1")
     assert dice["bcp [ds]"] == (pytest.approx(0.3), "1")
     assert {r.method for r in collect(tmp_path)} == {"bcp", "bcp (pretrain_steps=0.5)", "bcp [ds]"}
+    # The header counts runs, not rows: the second evaluation of run a is not a fourth run.
+    assert "(3 finished runs, 1 extra evaluation of their last checkpoints)" in (tmp_path / "table.md").read_text()
 
 
 def test_mean_std_ignores_missing_values():

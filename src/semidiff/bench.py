@@ -471,8 +471,11 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     def values(key: str) -> str:
         return " / ".join(sorted({str(p.get(key)) for p in protos})) or "n/a"
 
+    runs = len({r.run_dir for r in results})  # a run's extra evaluations are rows, not runs
+    extra = len(results) - runs
     return [
-        f"- bench: `{bench_dir.name}` ({len(results)} finished runs)",
+        f"- bench: `{bench_dir.name}` ({runs} finished runs"
+        + (f", {extra} extra evaluation{'s' * (extra > 1)} of their last checkpoints)" if extra else ")"),
         f"- dataset: {values('dataset')}",
         f"- split: {values('split')} ({values('cases')} cases)",
         f"- labeled: {values('labeled')}",
@@ -939,7 +942,7 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     else:
         (bench_dir / "qualitative.png").unlink(missing_ok=True)  # a stale panel would show other runs
     write_tables(rows, protocol_lines(results, bench_dir), bench_dir, figures)
-    log(f"report of {len(results)} runs: {bench_dir / 'table.md'}")
+    log(f"report of {len({r.run_dir for r in results})} runs: {bench_dir / 'table.md'}")
     return bench_dir / "table.md"
 
 
