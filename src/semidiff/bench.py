@@ -747,14 +747,27 @@ def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | N
     fig.savefig(out_file)
 
 
-def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
+def labels_only_row(rows: list[dict], labeled: float, noise: str, unlabeled: dict[str, bool],
+                    exclude: set[str] | frozenset[str] = frozenset()) -> dict | None:
+    """The last-checkpoint row of a method that learns from labels alone (``unlabeled`` maps row names
+    to :func:`uses_unlabeled`), at this labeled count and noise, not a variant and not in ``exclude``."""
+    return next((r for r in rows if (r["labeled"], r["noise"], r["checkpoint"]) == (labeled, noise, "last")
+                 and unlabeled.get(r["method"]) is False and not is_variant(r["method"])
+                 and base_method(r["method"]) not in exclude), None)
+
+
+def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None,
+                  unlabeled: dict[str, bool] | None = None) -> bool:
     """Each variant row's mean Dice beside its method's default, one panel per (labeled, noise) cell.
 
     A dot per row (error bar = std over seeds where there are several), the row's name on the axis,
-    its value beside it, and the default's value as a dashed line through its method's rows; the
-    supervised run of the same cell, when there is one, as a dotted line across the panel.
+    its value beside it, and the default's value as a dashed line through its method's rows; a
+    labels-only run of the same cell (``unlabeled``: see :func:`labels_only_row`), when there is
+    one, as a dotted line across the panel. Returns False (and draws nothing) without variant rows.
     """
     groups = variant_groups(rows)
+    if not groups:
+        return False
     colours = colours or _colours(base_method(r["method"]) for g in groups.values() for r in g)
     heights = [len(g) for g in groups.values()]
     fig = _figure(8.5, 0.8 + 0.27 * sum(heights) + 0.5 * len(groups))
@@ -776,11 +789,10 @@ def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | No
                 ax.vlines(default["dice"][0], min(y for y, _ in mine) - 0.4, max(y for y, _ in mine) + 0.4,
                           colors=colours.get(b, "0.3"), linestyles="--", lw=1)
         # Labels alone, same count and noise: the bar every semi-supervised row has to clear.
-        sup = next((r for r in rows if (r["method"], r["labeled"], r["noise"], r["checkpoint"])
-                    == ("supervised", labeled, noise, "last")), None)
-        if sup is not None and "supervised" not in {base_method(r["method"]) for r in group}:
+        sup = labels_only_row(rows, labeled, noise, unlabeled or {}, {base_method(r["method"]) for r in group})
+        if sup is not None:
             ax.axvline(sup["dice"][0], color="0.4", ls=":", lw=1.2,
-                       label=f"supervised, same labels: {sup['dice'][0]:.3f}")
+                       label=f"{sup['method']}, same labels: {sup['dice'][0]:.3f}")
             ax.legend(fontsize=7, loc="lower left")
         ax.set_yticks(ys, [r["method"] + ("  [default]" if not is_variant(r["method"]) else "") for r in group],
                       fontsize=7)
@@ -792,6 +804,7 @@ def plot_variants(rows: list[dict], out_file: Path, colours: dict[str, str] | No
                      fontsize=8)
     axes[-1].set_xlabel("mean Dice (validation, last checkpoint)")
     fig.savefig(out_file)
+    return True
 
 
 def read_logged_scalars(run_dir: Path, keys: list[str] | None = None) -> dict[str, list[tuple[int, float]]]:
@@ -932,8 +945,7 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
                            uses_unlabeled(main_results))
         figures.append("dice_vs_noise.png")
     plot_curves(main_results, bench_dir / "curves.png", colours)
-    if variant_groups(rows):
-        plot_variants(rows, bench_dir / "variants.png", colours)
+    if plot_variants(rows, bench_dir / "variants.png", colours, uses_unlabeled(results)):
         figures.append("variants.png")
     else:
         (bench_dir / "variants.png").unlink(missing_ok=True)
