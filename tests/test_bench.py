@@ -26,6 +26,7 @@ from semidiff.bench import (
     read_logged_scalars,
     run_bench,
     uses_unlabeled,
+    variant_labels,
     write_report,
 )
 from semidiff.cli import main
@@ -140,6 +141,25 @@ def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
     assert "| mt | 3 | last | 3 | 0.7000 ± 0.2000 |" in text
     assert "| sup | 3 | last | 1 | 0.1000 |" in text  # one seed: no ± claimed
     assert len(collect(tmp_path)) == 4
+
+
+def test_the_default_row_is_one_runs_setting_even_when_most_runs_switch_the_same_option_off():
+    # An ablation ladder: the default twice (3 and 7 labeled), then five rungs, four of which
+    # turn use_hfm off. A per-option majority would call use_hfm=false the default and name the
+    # real default "(use_hfm=True)"; the reference must be the setting most runs share as a whole.
+    def cfg(**opts):
+        base = {"peer": "ds", "use_hfm": True, "use_contrast": True}
+        return {"method": {"name": "diffcl", "options": {**base, **opts}}, "train": {"max_steps": 1000}}
+    configs = [cfg(), cfg(), cfg(peer="cs", use_hfm=False, use_contrast=False),
+               cfg(use_hfm=False, use_contrast=False), cfg(use_hfm=False), cfg(use_contrast=False),
+               cfg(peer="none", use_hfm=False)]
+    assert variant_labels(configs) == [
+        "diffcl", "diffcl",
+        "diffcl (peer=cs, use_contrast=False, use_hfm=False)",
+        "diffcl (use_contrast=False, use_hfm=False)",
+        "diffcl (use_hfm=False)",
+        "diffcl (use_contrast=False)",
+        "diffcl (peer=none, use_hfm=False)"]
 
 
 def test_runs_that_differ_in_options_are_rows_not_seeds_and_extra_evaluations_are_rows(tmp_path):

@@ -335,8 +335,11 @@ def variant_labels(configs: list[dict]) -> list[str]:
     """Row names for the runs of a folder: the method's name, plus what sets a run apart.
 
     Runs of one method that differ in ``method.options`` or ``train.max_steps`` are different
-    rows, not seeds of one row. The setting most runs of the method share keeps the plain name;
-    a run that departs from it is named by its differences, e.g. ``bcp (pretrain_steps=0.5)``.
+    rows, not seeds of one row. The method's reference is the whole setting most of its runs
+    share (a tie goes to the first run in folder order), and it keeps the plain name; any other
+    run is named by how it departs from it, e.g. ``bcp (pretrain_steps=0.5)``. The reference is
+    one run's setting, not a per-option majority: an ablation ladder that switches one option
+    off in most runs must not make that "off" part of the default.
     """
     def settings(cfg: dict) -> dict[str, str]:
         flat = {k: json.dumps(v, sort_keys=True) for k, v in ((cfg.get("method") or {}).get("options") or {}).items()}
@@ -345,16 +348,15 @@ def variant_labels(configs: list[dict]) -> list[str]:
 
     all_settings = [settings(c) for c in configs]
     names = [(c.get("method") or {}).get("name", "supervised") for c in configs]
+    reference: dict[str, dict[str, str]] = {}
+    for name in dict.fromkeys(names):
+        mine = [json.dumps(st, sort_keys=True) for n, st in zip(names, all_settings) if n == name]
+        reference[name] = json.loads(max(dict.fromkeys(mine), key=mine.count))  # first most frequent
     labels = []
     for name, mine in zip(names, all_settings):
-        peers = [st for n, st in zip(names, all_settings) if n == name]
-        keys = sorted(set().union(*peers))
-        differing = []
-        for k in keys:
-            values = [st.get(k, "null") for st in peers]
-            common = max(dict.fromkeys(values), key=values.count)  # first most frequent value
-            if mine.get(k, "null") != common:
-                differing.append(f"{k}={json.loads(mine.get(k, 'null'))}")
+        ref = reference[name]
+        differing = [f"{k}={json.loads(mine.get(k, 'null'))}" for k in sorted(set(ref) | set(mine))
+                     if mine.get(k, "null") != ref.get(k, "null")]
         labels.append(f"{name} ({', '.join(differing)})" if differing else name)
     return labels
 
