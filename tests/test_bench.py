@@ -20,6 +20,7 @@ from semidiff.bench import (
     collect,
     curve_runs,
     grid_cells,
+    labels_only_row,
     load_bench,
     mean_std,
     noise_panels,
@@ -331,8 +332,6 @@ def test_variant_rows_get_their_own_figure_beside_their_methods_default(tmp_path
     assert got == [("bcp", [0, 1], 0.64), ("bcp (u_weight=0.0)", [0], 0.58)]
     # The reference line is the labels-only row of the same cell, found by what the method learns
     # from, not by its name (a bench names its rows, e.g. "sup").
-    from semidiff.bench import labels_only_row
-
     ref = labels_only_row(rows, 7.0, "clean", uses_unlabeled(collect(runs)))
     assert (ref["method"], ref["seeds"]) == ("supervised", [0, 1])
     assert labels_only_row(rows, 7.0, "clean", {"sup": False, "bcp": True}) is None  # no such row here

@@ -350,8 +350,8 @@ def variant_labels(configs: list[dict]) -> list[str]:
     names = [(c.get("method") or {}).get("name", "supervised") for c in configs]
     reference: dict[str, dict[str, str]] = {}
     for name in dict.fromkeys(names):
-        mine = [json.dumps(st, sort_keys=True) for n, st in zip(names, all_settings) if n == name]
-        reference[name] = json.loads(max(dict.fromkeys(mine), key=mine.count))  # first most frequent
+        mine = [tuple(sorted(st.items())) for n, st in zip(names, all_settings) if n == name]
+        reference[name] = dict(max(dict.fromkeys(mine), key=mine.count))  # first most frequent
     labels = []
     for name, mine in zip(names, all_settings):
         ref = reference[name]
@@ -462,6 +462,11 @@ def _date_range(protos: list[dict]) -> str:
     return f"{dates[0]} to {dates[-1]} ({len(dates)} evaluations)"
 
 
+def run_count(results: list[CellResult]) -> int:
+    """Trainings behind ``results``: a run's extra evaluations (``--output ds``) are rows, not runs."""
+    return len({r.run_dir for r in results})
+
+
 def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     """The header every table carries: what was measured, how, where and with what software."""
     import lightning
@@ -473,7 +478,7 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     def values(key: str) -> str:
         return " / ".join(sorted({str(p.get(key)) for p in protos})) or "n/a"
 
-    runs = len({r.run_dir for r in results})  # a run's extra evaluations are rows, not runs
+    runs = run_count(results)
     extra = len(results) - runs
     return [
         f"- bench: `{bench_dir.name}` ({runs} finished runs"
@@ -956,7 +961,7 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     else:
         (bench_dir / "qualitative.png").unlink(missing_ok=True)  # a stale panel would show other runs
     write_tables(rows, protocol_lines(results, bench_dir), bench_dir, figures)
-    log(f"report of {len({r.run_dir for r in results})} runs: {bench_dir / 'table.md'}")
+    log(f"report of {run_count(results)} runs: {bench_dir / 'table.md'}")
     return bench_dir / "table.md"
 
 
