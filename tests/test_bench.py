@@ -25,6 +25,7 @@ from semidiff.bench import (
     mean_std,
     noise_panels,
     read_logged_scalars,
+    record_mismatch,
     run_bench,
     uses_unlabeled,
     variant_labels,
@@ -107,6 +108,74 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
     (bench_dir / "table.csv").unlink()
     assert main(["report", str(bench_dir)]) == 0
     assert (bench_dir / "table.csv").read_text() == before
+
+
+def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "data", spatial_dims=2, num_cases=6, size=(32, 32), num_classes=3,
+                                  val_cases=2, seed=0)
+    (tmp_path / "sup.yaml").write_text(yaml.safe_dump(_train_config(root, "supervised")))
+    bench = {"bench": {"name": "rec", "output_dir": str(tmp_path / "machine_a"), "records": "records",
+                       "methods": [{"name": "sup", "config": "sup.yaml"}], "labeled": [2], "seeds": [0, 1],
+                       "isolation": "in_process", "qualitative_cases": 1}}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    assert run_bench(tmp_path / "bench.yaml", log=lambda _m: None) == 0
+    records = tmp_path / "records"
+    assert sorted(r.name for r in records.iterdir()) == ["sup_l2_s0", "sup_l2_s1"]
+    for r in records.iterdir():  # the report's inputs, without the weights and the event files
+        assert cell_done(r) and (r / "eval_val_last" / "overlay_slices.npz").is_file()
+        assert not (r / "checkpoints").exists() and not (r / "tensorboard").exists()
+        run = tmp_path / "machine_a" / "rec" / "runs" / r.name
+        assert (run / "eval_val_last" / "overlays.png").is_file() and (run / "checkpoints").is_dir()
+        assert not list(r.rglob("overlays.png")) and not (r / "eval_val_best" / "overlay_slices.npz").exists()
+    table_a = (tmp_path / "machine_a" / "rec" / "table.csv").read_text()
+
+    # Another machine: the same checkout (bench file, configs, records), none of the finished run
+    # folders; one cell was started there and killed (a stale checkpoint of it is left).
+    stale = tmp_path / "machine_b" / "rec" / "runs" / "sup_l2_s0" / "checkpoints" / "last.ckpt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"interrupted")
+    logs: list[str] = []
+    assert run_bench(tmp_path / "bench.yaml", ["bench.output_dir=" + str(tmp_path / "machine_b")],
+                     log=logs.append) == 0
+    bench_b = tmp_path / "machine_b" / "rec"
+    assert not (bench_b / "logs").exists()  # no cell was trained (run_cell writes a log per cell)
+    assert "2 finished cell(s) restored" in " ".join(logs)
+    assert not stale.exists()  # the interrupted attempt gave way to the finished record
+    assert (bench_b / "table.csv").read_text() == table_a
+    assert main(["report", str(bench_b)]) == 0 and (bench_b / "table.csv").read_text() == table_a
+
+    # A record made with other settings is not taken for the cell: that cell trains again.
+    logs.clear()
+    assert run_bench(tmp_path / "bench.yaml", ["bench.output_dir=" + str(tmp_path / "machine_c"),
+                                               "bench.overrides=[train.lr=0.002]"], log=logs.append) == 0
+    assert "train.lr" in " ".join(logs)
+    assert sorted(f.name for f in (tmp_path / "machine_c" / "rec" / "logs").iterdir()) == [
+        "sup_l2_s0.log", "sup_l2_s1.log"]
+    assert yaml.safe_load((records / "sup_l2_s0" / "config.yaml").read_text())["train"]["lr"] == 0.002
+
+
+def test_record_mismatch_ignores_machine_paths_and_keys_added_at_their_default(tmp_path):
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": {"reader": "synthetic", "root": "here"},
+                                                     "method": {"name": "mean_teacher"}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {"name": "x", "labeled": [3],
+                                                               "methods": [{"name": "mt", "config": "t.yaml"}]}}))
+    spec, base = load_bench(tmp_path / "b.yaml")
+    cell = grid_cells(spec, base, tmp_path / "out")[0]
+    from semidiff.config import load_config
+    recorded = yaml.safe_load(load_config(cell.config, cell.train_overrides).to_yaml())
+    recorded["experiment"]["output_dir"] = "/elsewhere/runs"
+    recorded["data"]["root"] = "/elsewhere/data"
+    del recorded["train"]["max_skips"]  # a key the schema gained later, at its default here
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert record_mismatch(cell, tmp_path / "rec") == []
+    recorded["train"]["max_steps"] = 7
+    recorded["method"]["options"] = {"ema_decay": 0.9}
+    (tmp_path / "rec" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert record_mismatch(cell, tmp_path / "rec") == ["method.options.ema_decay", "train.max_steps"]
+    cell_with_override = grid_cells(load_bench(tmp_path / "b.yaml", ["bench.overrides=[train.max_skips=3]"])[0],
+                                    base, tmp_path / "out")[0]
+    assert "train.max_skips" in record_mismatch(cell_with_override, tmp_path / "rec")
 
 
 def _fake_run(run: Path, method: str, labeled: int, seed: int, dice: float, hd95: float,

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -77,6 +78,11 @@ class BenchSpec(BaseModel):
             fresh interpreter) or ``in_process`` (no interpreter start-up per cell; one worker only).
         gpus: CUDA device ids handed out round-robin to the workers (``CUDA_VISIBLE_DEVICES``).
         qualitative_cases: Validation cases shown in the qualitative panel.
+        records: Optional folder, relative to the bench file, that keeps a record of every finished
+            cell: what the report reads, without checkpoints or TensorBoard events (see
+            :func:`save_record`). A cell recorded there with the configuration it would train now
+            is not trained again, so a grid whose records are committed can be continued on
+            another machine from a fresh checkout, and its report rebuilt there.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -92,6 +98,7 @@ class BenchSpec(BaseModel):
     gpus: list[int] = []
     isolation: Literal["subprocess", "in_process"] = "subprocess"
     qualitative_cases: int = Field(default=3, ge=0)
+    records: str | None = None
 
     @model_validator(mode="after")
     def _in_process_is_serial(self) -> BenchSpec:
@@ -160,6 +167,11 @@ class Cell:
         base = f"{self.method}_l{self.labeled:g}_s{self.seed}"
         return base if self.noise == "clean" else f"{base}_{self.noise}"
 
+    @property
+    def train_overrides(self) -> list[str]:
+        """The overrides ``semidiff train`` gets for this cell."""
+        return [*self.overrides, "train.progress_bar=false"]
+
 
 def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
     """Every cell of the grid, in run order (labeled count, then seed, then noise, then method)."""
@@ -207,7 +219,7 @@ def run_cell(cell: Cell, bench_dir: Path, env: dict[str, str] | None = None, in_
     log_dir = bench_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # --resume continues from last.ckpt when there is one and starts fresh otherwise.
-    args = ["train", str(cell.config), *cell.overrides, "train.progress_bar=false", "--resume"]
+    args = ["train", str(cell.config), *cell.train_overrides, "--resume"]
     cmd = [sys.executable, "-m", "semidiff", *args]
     with open(log_dir / f"{cell.name}.log", "a") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
@@ -220,6 +232,90 @@ def run_cell(cell: Cell, bench_dir: Path, env: dict[str, str] | None = None, in_
             return main(args)
 
 
+#: Parts of a run folder a record leaves out, the bulk of its size: the report reads none of them
+#: (``overlays.png`` is drawn from ``overlay_slices.npz``; the qualitative panel reads that file
+#: from ``eval_val_last/`` only).
+RECORD_LEAVES_OUT = ("checkpoints", "tensorboard", "overlays.png")
+
+
+def _left_out_of_record(folder: str, names: list[str]) -> list[str]:
+    left_out = set(RECORD_LEAVES_OUT) | ({"overlay_slices.npz"} if Path(folder).name != "eval_val_last" else set())
+    return [n for n in names if n in left_out]
+#: Config keys that name where a run was written or read, which differ between machines.
+MACHINE_KEYS = (("experiment", "output_dir"), ("data", "root"))
+
+
+def save_record(run_dir: Path, records: Path) -> Path:
+    """Copy a finished run to ``records/<run>``, less :data:`RECORD_LEAVES_OUT`; returns the record.
+
+    The copy is made beside the record and moved into place, so a kill leaves the old record or
+    the new one, never half of one.
+    """
+    dest = records / run_dir.name
+    partial = records / f".{run_dir.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(run_dir, partial, ignore=_left_out_of_record)
+    shutil.rmtree(dest, ignore_errors=True)
+    partial.rename(dest)
+    return dest
+
+
+def record_mismatch(cell: Cell, record: Path) -> list[str]:
+    """Config keys on which a recorded run differs from what ``cell`` would train now ([] = same).
+
+    The paths of :data:`MACHINE_KEYS` are not compared: a record made on another machine is the
+    same run. A key the record lacks (added to the schema after it was made) matches when it is
+    at its default, the value every earlier run had in effect.
+    """
+    from semidiff.config import Config, load_config
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    want = yaml.safe_load(load_config(cell.config, cell.train_overrides).to_yaml())
+    have = yaml.safe_load((record / "config.yaml").read_text()) or {}
+    for section, key in MACHINE_KEYS:
+        for tree in (want, have):
+            (tree.get(section) or {}).pop(key, None)
+    want, have, default = flat(want), flat(have), flat(yaml.safe_load(Config().to_yaml()))
+    missing = object()
+    return sorted(k for k in set(want) | set(have)
+                  if have.get(k, default.get(k, missing)) != want.get(k, missing))
+
+
+def sync_records(cells: list[Cell], runs: Path, records: Path, log: Callable[[str], None] = print) -> int:
+    """Bring the bench folder and its records folder level; returns the cells restored from records.
+
+    A finished cell without a record gets one. A recorded cell that is not finished in ``runs`` is
+    copied there, replacing an interrupted attempt, when its config is what the cell would train
+    now; a record that differs is reported and left alone, and the cell trains again.
+    """
+    records.mkdir(parents=True, exist_ok=True)
+    restored = 0
+    for cell in cells:
+        run, record = runs / cell.name, records / cell.name
+        if cell_done(run):
+            if not cell_done(record):
+                save_record(run, records)
+            continue
+        if not cell_done(record):
+            continue
+        if differ := record_mismatch(cell, record):
+            log(f"record {record} was made with other settings ({', '.join(differ[:5])}"
+                f"{', ...' if len(differ) > 5 else ''}): {cell.name} trains again")
+            continue
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(record, run)
+        restored += 1
+    return restored
+
+
 def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> int:
     """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
     spec, base = load_bench(config, overrides)
@@ -227,11 +323,15 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
     if not Path(spec.output_dir).is_absolute():
         bench_dir = Path.cwd() / bench_dir
     bench_dir.mkdir(parents=True, exist_ok=True)
+    records = base / spec.records if spec.records else None
     (bench_dir / "bench.yaml").write_text(yaml.safe_dump(
         {"bench": {**spec.model_dump(mode="json"), "methods": [
-            {**m.model_dump(mode="json"), "config": str(base / m.config)} for m in spec.methods]}},
+            {**m.model_dump(mode="json"), "config": str(base / m.config)} for m in spec.methods],
+            "records": str(records) if records else None}},
         sort_keys=False))
     cells = grid_cells(spec, base, bench_dir)
+    if records and (restored := sync_records(cells, bench_dir / "runs", records, log)):
+        log(f"{restored} finished cell(s) restored from the records in {records}")
     todo = [c for c in cells if not cell_done(bench_dir / "runs" / c.name)]
     log(f"bench {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
         f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}")
@@ -249,6 +349,8 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
             state = "done" if rc == 0 and cell_done(bench_dir / "runs" / cell.name) else f"FAILED (exit {rc})"
             if not state.startswith("done"):
                 failures.append(cell.name)
+            elif records:
+                save_record(bench_dir / "runs" / cell.name, records)
             log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {state} in {time.time() - t0:.0f} s "
                 f"(log: {bench_dir / 'logs' / (cell.name + '.log')})")
             write_report(bench_dir, log=lambda _m: None)
