@@ -125,11 +125,24 @@ def protocol_header(cfg: Config, split: str, checkpoint: str, n_cases: int, mode
         "empty_rule": cfg.eval.empty_rule,
         "seed": cfg.experiment.seed,
         "noise": describe_noise(cfg.noise),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        "machine": f"{platform.machine()}{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "semidiff": semidiff.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def cpu_model() -> str:
+    """`` (CPU model)`` from /proc/cpuinfo, or "" where it cannot be read: runs of one grid may come
+    from machines of one architecture that differ several times in speed, and the cost columns
+    must say so."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f" ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return ""
 
 
 @torch.no_grad()
