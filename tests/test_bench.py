@@ -100,6 +100,9 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
             assert row["n_seeds"] == "2"
     text = (bench_dir / "table.md").read_text()
     assert "## Protocol" in text and "seeds: 0, 1" in text and "empty-mask rule" in text
+    assert "(8 of 8 cells finished)" in text
+    hours = sum(json.loads((runs / c / "timing.json").read_text())["wall_seconds"] for c in cells) / 3600
+    assert f"training wall time: {hours:.2f} h" in text
     for fig in ("dice_vs_labeled.png", "per_class.png", "curves.png", "qualitative.png"):
         assert (bench_dir / fig).stat().st_size > 5000, fig
 

@@ -582,9 +582,17 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
 
     runs = run_count(results)
     extra = len(results) - runs
+    finished = f"{runs} finished runs"
+    if (bench_dir / "bench.yaml").is_file():  # a grid, perhaps unfinished: say how much of it
+        spec, base = load_bench(bench_dir / "bench.yaml")
+        finished = f"{runs} of {len(grid_cells(spec, base, bench_dir))} cells finished"
+    train_hours = sum(r.timing.get("wall_seconds") or 0 for r in
+                      {r.run_dir: r for r in results}.values()) / 3600
     return [
-        f"- bench: `{bench_dir.name}` ({runs} finished runs"
+        f"- bench: `{bench_dir.name}` ({finished}"
         + (f", {extra} extra evaluation{'s' * (extra > 1)} of their last checkpoints)" if extra else ")"),
+        (f"- training wall time: {train_hours:.2f} h, the sum over the runs (validation included, "
+         "final evaluation not)"),
         f"- dataset: {values('dataset')}",
         f"- split: {values('split')} ({values('cases')} cases)",
         f"- labeled: {values('labeled')}",
