@@ -241,6 +241,8 @@ RECORD_LEAVES_OUT = ("checkpoints", "tensorboard", "overlays.png")
 def _left_out_of_record(folder: str, names: list[str]) -> list[str]:
     left_out = set(RECORD_LEAVES_OUT) | ({"overlay_slices.npz"} if Path(folder).name != "eval_val_last" else set())
     return [n for n in names if n in left_out]
+
+
 #: Config keys that name where a run was written or read, which differ between machines.
 MACHINE_KEYS = (("experiment", "output_dir"), ("data", "root"))
 
