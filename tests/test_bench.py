@@ -420,3 +420,19 @@ def test_variant_rows_get_their_own_figure_beside_their_methods_default(tmp_path
     write_report(runs, log=lambda _m: None)
     assert not (runs / "variants.png").exists()
     assert "variants.png" not in (runs / "table.md").read_text()
+
+
+def test_the_committed_records_are_what_their_cells_would_train_now():
+    # A change to a training config or a bench's overrides would make the bench train those cells
+    # again (hours of CPU), so it must be a decision: move the records aside with it.
+    repo = Path(__file__).resolve().parents[1]
+    checked = 0
+    for f in sorted((repo / "configs" / "bench").glob("*.yaml")):
+        spec, base = load_bench(f)
+        if not spec.records:
+            continue
+        for cell in grid_cells(spec, base, Path("/nonexistent")):
+            if cell_done(record := base / spec.records / cell.name):
+                assert record_mismatch(cell, record) == [], f"{f.name}: {record}"
+                checked += 1
+    assert checked > 0, "no committed records found under the bench configs' records folders"
