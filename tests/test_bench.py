@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from semidiff.bench import (
+    Cell,
     aggregate,
     cell_done,
     collect,
@@ -27,6 +28,7 @@ from semidiff.bench import (
     read_logged_scalars,
     record_mismatch,
     run_bench,
+    time_left,
     uses_unlabeled,
     variant_labels,
     write_report,
@@ -251,6 +253,14 @@ def test_runs_that_differ_in_options_are_rows_not_seeds_and_extra_evaluations_ar
     assert {r.method for r in collect(tmp_path)} == {"bcp", "bcp (pretrain_steps=0.5)", "bcp [ds]"}
     # The header counts runs, not rows: the second evaluation of run a is not a fourth run.
     assert "(3 finished runs, 1 extra evaluation of their last checkpoints)" in (tmp_path / "table.md").read_text()
+
+
+def test_time_left_counts_each_method_at_its_own_mean_and_untimed_methods_apart(tmp_path):
+    cells = [Cell(m, tmp_path, 3, 0, "clean") for m in ("sup", "sup", "diffcl", "mt")]
+    assert time_left(cells, {"sup": [600.0, 1200.0], "diffcl": [3600.0]}) == (
+        "4 cell(s) left, about 1.5 h for 3 of them (1 of methods not timed yet: mt)")
+    assert time_left(cells[:2], {"sup": [1800.0]}) == "2 cell(s) left, about 1.0 h for 2 of them"
+    assert time_left([], {}) == "0 cell(s) left"
 
 
 def test_mean_std_ignores_missing_values():

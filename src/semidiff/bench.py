@@ -318,6 +318,23 @@ def sync_records(cells: list[Cell], runs: Path, records: Path, log: Callable[[st
     return restored
 
 
+def time_left(pending: list[Cell], seconds: dict[str, list[float]]) -> str:
+    """What is left of a grid, in hours, from the mean time of the finished cells of each method.
+
+    A method has one cost whatever its labeled count or noise level (the same steps and batch), but
+    methods differ 10-fold, so a method with no finished cell yet is counted apart, not guessed.
+    """
+    timed = [c for c in pending if seconds.get(c.method)]
+    hours = sum(float(np.mean(seconds[c.method])) for c in timed) / 3600
+    text = f"{len(pending)} cell(s) left"
+    if timed:
+        text += f", about {hours:.1f} h for {len(timed)} of them"
+    if untimed := len(pending) - len(timed):
+        methods = ", ".join(dict.fromkeys(c.method for c in pending if not seconds.get(c.method)))
+        text += f" ({untimed} of methods not timed yet: {methods})"
+    return text
+
+
 def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> int:
     """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
     spec, base = load_bench(config, overrides)
@@ -339,6 +356,7 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
         f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}")
     lock, failures = threading.Lock(), []
     started = time.time()
+    pending, seconds = list(todo), {}  # for the estimate of what is left, logged after every cell
 
     def work(i_cell: tuple[int, Cell]) -> None:
         i, cell = i_cell
@@ -353,8 +371,11 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
                 failures.append(cell.name)
             elif records:
                 save_record(bench_dir / "runs" / cell.name, records)
+            pending.remove(cell)
+            if state == "done":
+                seconds.setdefault(cell.method, []).append(time.time() - t0)
             log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {state} in {time.time() - t0:.0f} s "
-                f"(log: {bench_dir / 'logs' / (cell.name + '.log')})")
+                f"(log: {bench_dir / 'logs' / (cell.name + '.log')}); {time_left(pending, seconds)}")
             write_report(bench_dir, log=lambda _m: None)
 
     with ThreadPoolExecutor(max_workers=spec.workers) as pool:
