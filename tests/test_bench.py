@@ -149,6 +149,11 @@ def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_p
     assert (bench_b / "table.csv").read_text() == table_a
     assert main(["report", str(bench_b)]) == 0 and (bench_b / "table.csv").read_text() == table_a
 
+    # `semidiff report CONFIG` rebuilds the same table from the records alone, training nothing.
+    assert main(["report", str(tmp_path / "bench.yaml"), "bench.output_dir=" + str(tmp_path / "machine_d")]) == 0
+    assert (tmp_path / "machine_d" / "rec" / "table.csv").read_text() == table_a
+    assert not (tmp_path / "machine_d" / "rec" / "logs").exists()
+
     # A record made with other settings is not taken for the cell: that cell trains again.
     logs.clear()
     assert run_bench(tmp_path / "bench.yaml", ["bench.output_dir=" + str(tmp_path / "machine_c"),

@@ -335,8 +335,10 @@ def time_left(pending: list[Cell], seconds: dict[str, list[float]]) -> str:
     return text
 
 
-def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> int:
-    """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
+def prepare_bench(config: str | Path, overrides: list[str] | None = None,
+                  log: Callable[[str], None] = print) -> tuple[BenchSpec, Path, list[Cell], Path | None]:
+    """Make a bench's folder and saved ``bench.yaml``, restore its records; returns the spec, the
+    folder, the grid's cells and the records folder (None without one)."""
     spec, base = load_bench(config, overrides)
     bench_dir = Path(spec.output_dir) / spec.name
     if not Path(spec.output_dir).is_absolute():
@@ -351,6 +353,19 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
     cells = grid_cells(spec, base, bench_dir)
     if records and (restored := sync_records(cells, bench_dir / "runs", records, log)):
         log(f"{restored} finished cell(s) restored from the records in {records}")
+    return spec, bench_dir, cells, records
+
+
+def report_from_config(config: str | Path, overrides: list[str] | None = None,
+                       log: Callable[[str], None] = print) -> Path:
+    """The report of a bench config's finished cells, its records included, without training any."""
+    _, bench_dir, _, _ = prepare_bench(config, overrides, log)
+    return write_report(bench_dir, log=log)
+
+
+def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> int:
+    """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
+    spec, bench_dir, cells, records = prepare_bench(config, overrides, log)
     todo = [c for c in cells if not cell_done(bench_dir / "runs" / c.name)]
     log(f"bench {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
         f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}")

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="bench YAML (a top-level 'bench' section)")
     p.add_argument("overrides", nargs="*", metavar="bench.key=value", help="override bench keys, e.g. bench.workers=2")
     p = sub.add_parser("report", help="rebuild tables and figures from finished runs, without training")
-    p.add_argument("target", help="bench folder, run folder, or a folder of run folders")
+    p.add_argument("target", help="bench folder, run folder, a folder of run folders, or a bench config "
+                                  "(its finished cells and records, in its bench folder)")
+    p.add_argument("overrides", nargs="*", metavar="bench.key=value", help="with a bench config: override bench keys")
 
     p = sub.add_parser("export", help="export the single network of a checkpoint to TorchScript and/or ONNX "
                                       "(verified against PyTorch; predict accepts the result)")
@@ -304,9 +306,14 @@ def main(argv: list[str] | None = None) -> int:
 
             return 1 if run_bench(args.config, args.overrides) else 0
         if args.command == "report":
-            from semidiff.bench import write_report
+            from semidiff.bench import report_from_config, write_report
 
-            write_report(args.target)
+            if Path(args.target).is_file():
+                report_from_config(args.target, args.overrides)
+            elif args.overrides:
+                raise SemidiffError("report: overrides apply to a bench config only, not to a folder")
+            else:
+                write_report(args.target)
             return 0
     except SemidiffError as exc:
         print(f"semidiff: error: {exc}", file=sys.stderr)
