@@ -223,6 +223,19 @@ def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
     assert len(collect(tmp_path)) == 4
 
 
+def test_a_fraction_of_the_labels_is_written_as_a_share_not_as_a_count(tmp_path):
+    _fake_run(tmp_path / "few", "supervised", 3, 0, 0.5, 4.0)
+    _fake_run(tmp_path / "all", "supervised", 1, 0, 0.8, 2.0)  # all labels: data.labeled=1.0
+    summary = tmp_path / "all" / "eval_val_last" / "summary.json"
+    s = json.loads(summary.read_text())
+    s["protocol"]["labeled"] = "100% of the training cases (first)"
+    summary.write_text(json.dumps(s))
+    write_report(tmp_path, log=lambda _m: None)
+    text = (tmp_path / "table.md").read_text()
+    assert "| supervised | 100% | last | 1 | 0.8000 |" in text  # not "| 1 |": one case
+    assert "| supervised | 3 | last | 1 | 0.5000 |" in text
+
+
 def test_the_default_row_is_one_runs_setting_even_when_most_runs_switch_the_same_option_off():
     # An ablation ladder: the default twice (3 and 7 labeled), then five rungs, four of which
     # turn use_hfm off. A per-option majority would call use_hfm=false the default and name the

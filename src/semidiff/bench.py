@@ -344,7 +344,7 @@ def prepare_bench(config: str | Path, overrides: list[str] | None = None,
     if not Path(spec.output_dir).is_absolute():
         bench_dir = Path.cwd() / bench_dir
     bench_dir.mkdir(parents=True, exist_ok=True)
-    records = base / spec.records if spec.records else None
+    records = (base / spec.records).resolve() if spec.records else None
     (bench_dir / "bench.yaml").write_text(yaml.safe_dump(
         {"bench": {**spec.model_dump(mode="json"), "methods": [
             {**m.model_dump(mode="json"), "config": str(base / m.config)} for m in spec.methods],
@@ -586,6 +586,13 @@ def aggregate(results: list[CellResult]) -> list[dict]:
 
 
 # ---- the report ---------------------------------------------------------------------------------
+def labeled_cell(row: dict) -> str:
+    """A row's labeled count as written in tables and legends: ``3`` (in the unit of the header's
+    ``labeled`` line), or ``100%`` for a fraction, which a bare ``1`` would pass off as one case."""
+    first = str(row["labeled_text"]).split(" ")[0]
+    return first if first.endswith("%") else f"{row['labeled']:g}"
+
+
 def _fmt(ms: tuple[float, float], digits: int, n: int = 2) -> str:
     """``mean ± std``; the mean alone for a single seed (a std of 0 would claim a spread was measured)."""
     m, s = ms
@@ -660,7 +667,7 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
     for r in rows:
         n = len(r["seeds"])
         per_class = ", ".join(f"{c} {_fmt(r[f'dice/{c}'], 3, n)}" for c in r["class_names"])
-        cells = [r["method"], f"{r['labeled']:g}"] + ([r["noise"]] if noise_axis else []) + [
+        cells = [r["method"], labeled_cell(r)] + ([r["noise"]] if noise_axis else []) + [
             r["checkpoint"], str(n), _fmt(r["dice"], 4, n), per_class, _fmt(r["jaccard"], 4, n),
             _fmt(r["hd95"], 2, n), _fmt(r["asd"], 2, n)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -669,7 +676,7 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
     for r in rows:
         if r["checkpoint"] == "last" and r["noise"] in ("clean", rows[0]["noise"]):
             n = len(r["seeds"])
-            lines.append(f"| {r['method']} | {r['labeled']:g} | {_fmt(r['s_per_step'], 3, n)} | "
+            lines.append(f"| {r['method']} | {labeled_cell(r)} | {_fmt(r['s_per_step'], 3, n)} | "
                          f"{_fmt(r['peak_mib'], 0, n)} | {_fmt(r['infer_s_per_case'], 3, n)} |")
     if figures:
         lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in figures) + "."]
@@ -765,8 +772,10 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
                  and not any(xs & other for o, other in by_method.items() if o != m)}
     for i, method in enumerate(sorted(reference)):
         r = next(r for r in rows if r["method"] == method)
+        n = len(r["seeds"])
         ax.axhline(r["dice"][0], color="0.3", ls=["--", ":", "-."][i % 3], lw=1,
-                   label=f"{method} ({r[axis]:g}): {r['dice'][0]:.3f}")
+                   label=f"{method} ({labeled_cell(r)} labeled): {_fmt(r['dice'], 3, n)}"
+                         + (f" ({n} seeds)" if n > 1 else ""))
     colours = colours or _colours(r["method"] for r in rows)
     markers = _markers(colours)
     rows = [r for r in rows if r["method"] not in reference]
@@ -1087,9 +1096,11 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     # the method figures a dozen single-point variants bury the comparison the figures are for.
     main_rows = [r for r in rows if not is_extra_evaluation(r["method"]) and not is_variant(r["method"])]
     main_results = [r for r in results if not is_extra_evaluation(r.method) and not is_variant(r.method)]
-    # "3 patients (first)" -> "labeled patients"; a fraction or mixed units -> "labeled count".
-    units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows if len(str(r["labeled_text"]).split(" ")) > 1}
-    xlabel = f"labeled {units.pop()}" if len(units) == 1 and "of" not in units else "labeled count"
+    # "3 patients (first)" -> "labeled patients"; mixed units -> "labeled count". A fraction row
+    # (the all-labels reference) names its share itself (``labeled_cell``), so it sets no unit.
+    units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows
+             if len(str(r["labeled_text"]).split(" ")) > 1 and not labeled_cell(r).endswith("%")}
+    xlabel = f"labeled {units.pop()}" if len(units) == 1 else "labeled count"
     colours = _colours(r.method for r in main_results)  # one colour per method in every figure
     plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", xlabel, colours)
     plot_per_class(main_rows, bench_dir / "per_class.png", colours)
