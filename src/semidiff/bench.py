@@ -1061,7 +1061,9 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
     cases = [k[len("image/"):] for k in first.files if k.startswith("image/")][:max_cases]
     ncol = 2 + len(chosen)
     fig = _figure(2.2 * ncol, 2.3 * len(cases) + 0.4)
-    fig.suptitle(f"validation slices, {n:g} labeled, seed {seed}, last checkpoint", fontsize=9)
+    shown = next(r for r in with_slices if (r.labeled, r.seed) == (n, seed))
+    labeled = shown.summaries["last"]["protocol"].get("labeled", f"{n:g} labeled")  # "3 patients (first)"
+    fig.suptitle(f"validation slices, {labeled}, seed {seed}, last checkpoint", fontsize=9)
     for i, case in enumerate(cases):
         image, truth = first[f"image/{case}"], first[f"truth/{case}"]
         panels = [("image", overlay_rgb(image, None)), ("truth", overlay_rgb(image, truth))]
