@@ -1026,7 +1026,11 @@ def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, st
         ax.grid(alpha=0.3)
     # Two keys: colour = method, line style = labeled count.
     handles = [Line2D([], [], color=colour, marker=markers[m], ms=3, label=m) for m, colour in colours.items()]
-    handles += [Line2D([], [], color="0.2", ls=styles[i % 4], label=f"{n:g} labeled") for i, n in enumerate(counts)]
+    # "100% labeled" for the all-labels run, not "1 labeled" (labeled_cell).
+    shares = {r.labeled: labeled_cell({"labeled": r.labeled, "labeled_text": next(iter(r.summaries.values()))
+                                       ["protocol"].get("labeled", "")}) for r in results}
+    handles += [Line2D([], [], color="0.2", ls=styles[i % 4], label=f"{shares.get(n, f'{n:g}')} labeled")
+                for i, n in enumerate(counts)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7)
     fig.savefig(out_file)
 
