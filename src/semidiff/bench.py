@@ -382,13 +382,13 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
         rc = run_cell(cell, bench_dir, env, in_process=spec.isolation == "in_process")
         with lock:
             state = "done" if rc == 0 and cell_done(bench_dir / "runs" / cell.name) else f"FAILED (exit {rc})"
-            if not state.startswith("done"):
-                failures.append(cell.name)
-            elif records:
-                save_record(bench_dir / "runs" / cell.name, records)
             pending.remove(cell)
-            if state == "done":
+            if state != "done":
+                failures.append(cell.name)
+            else:
                 seconds.setdefault(cell.method, []).append(time.time() - t0)
+                if records:
+                    save_record(bench_dir / "runs" / cell.name, records)
             log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {state} in {time.time() - t0:.0f} s "
                 f"(log: {bench_dir / 'logs' / (cell.name + '.log')}); {time_left(pending, seconds)}")
             write_report(bench_dir, log=lambda _m: None)
@@ -418,6 +418,11 @@ class CellResult:
     timing: dict
     class_names: list[str]
     uses_unlabeled: bool  # whether the run's method learns from unlabeled data (has pseudo-labels)
+
+    @property
+    def labeled_text(self) -> str:
+        """The labeled count as its evaluation protocol states it: ``3 patients (first)``."""
+        return next(iter(self.summaries.values()))["protocol"].get("labeled", f"{self.labeled:g}")
 
 
 def _read_json(path: Path) -> dict | None:
@@ -580,17 +585,17 @@ def aggregate(results: list[CellResult]) -> list[dict]:
             row["infer_s_per_case"] = mean_std(
                 [r.summaries[which]["protocol"].get("inference_seconds_per_case") for r in have])
             row["class_names"] = have[0].class_names
-            row["labeled_text"] = have[0].summaries[which]["protocol"].get("labeled", f"{labeled:g}")
+            row["labeled_text"] = have[0].labeled_text
             rows.append(row)
     return rows
 
 
 # ---- the report ---------------------------------------------------------------------------------
-def labeled_cell(row: dict) -> str:
-    """A row's labeled count as written in tables and legends: ``3`` (in the unit of the header's
+def labeled_cell(labeled: float, labeled_text: str) -> str:
+    """A labeled count as written in tables and legends: ``3`` (in the unit of the header's
     ``labeled`` line), or ``100%`` for a fraction, which a bare ``1`` would pass off as one case."""
-    first = str(row["labeled_text"]).split(" ")[0]
-    return first if first.endswith("%") else f"{row['labeled']:g}"
+    first = str(labeled_text).split(" ")[0]
+    return first if first.endswith("%") else f"{labeled:g}"
 
 
 def _fmt(ms: tuple[float, float], digits: int, n: int = 2) -> str:
@@ -667,7 +672,8 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
     for r in rows:
         n = len(r["seeds"])
         per_class = ", ".join(f"{c} {_fmt(r[f'dice/{c}'], 3, n)}" for c in r["class_names"])
-        cells = [r["method"], labeled_cell(r)] + ([r["noise"]] if noise_axis else []) + [
+        labeled = labeled_cell(r["labeled"], r["labeled_text"])
+        cells = [r["method"], labeled] + ([r["noise"]] if noise_axis else []) + [
             r["checkpoint"], str(n), _fmt(r["dice"], 4, n), per_class, _fmt(r["jaccard"], 4, n),
             _fmt(r["hd95"], 2, n), _fmt(r["asd"], 2, n)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -676,7 +682,8 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
     for r in rows:
         if r["checkpoint"] == "last" and r["noise"] in ("clean", rows[0]["noise"]):
             n = len(r["seeds"])
-            lines.append(f"| {r['method']} | {labeled_cell(r)} | {_fmt(r['s_per_step'], 3, n)} | "
+            lines.append(f"| {r['method']} | {labeled_cell(r['labeled'], r['labeled_text'])} | "
+                         f"{_fmt(r['s_per_step'], 3, n)} | "
                          f"{_fmt(r['peak_mib'], 0, n)} | {_fmt(r['infer_s_per_case'], 3, n)} |")
     if figures:
         lines += ["", "Figures: " + ", ".join(f"`{f}`" for f in figures) + "."]
@@ -774,7 +781,8 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
         r = next(r for r in rows if r["method"] == method)
         n = len(r["seeds"])
         ax.axhline(r["dice"][0], color="0.3", ls=["--", ":", "-."][i % 3], lw=1,
-                   label=f"{method} ({labeled_cell(r)} labeled): {_fmt(r['dice'], 3, n)}"
+                   label=f"{method} ({labeled_cell(r['labeled'], r['labeled_text'])} labeled): "
+                         f"{_fmt(r['dice'], 3, n)}"
                          + (f" ({n} seeds)" if n > 1 else ""))
     colours = colours or _colours(r["method"] for r in rows)
     markers = _markers(colours)
@@ -1027,8 +1035,7 @@ def plot_curves(results: list[CellResult], out_file: Path, colours: dict[str, st
     # Two keys: colour = method, line style = labeled count.
     handles = [Line2D([], [], color=colour, marker=markers[m], ms=3, label=m) for m, colour in colours.items()]
     # "100% labeled" for the all-labels run, not "1 labeled" (labeled_cell).
-    shares = {r.labeled: labeled_cell({"labeled": r.labeled, "labeled_text": next(iter(r.summaries.values()))
-                                       ["protocol"].get("labeled", "")}) for r in results}
+    shares = {r.labeled: labeled_cell(r.labeled, r.labeled_text) for r in results}
     handles += [Line2D([], [], color="0.2", ls=styles[i % 4], label=f"{shares.get(n, f'{n:g}')} labeled")
                 for i, n in enumerate(counts)]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7)
@@ -1066,8 +1073,7 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
     ncol = 2 + len(chosen)
     fig = _figure(2.2 * ncol, 2.3 * len(cases) + 0.4)
     shown = next(r for r in with_slices if (r.labeled, r.seed) == (n, seed))
-    labeled = shown.summaries["last"]["protocol"].get("labeled", f"{n:g} labeled")  # "3 patients (first)"
-    fig.suptitle(f"validation slices, {labeled}, seed {seed}, last checkpoint", fontsize=9)
+    fig.suptitle(f"validation slices, {shown.labeled_text}, seed {seed}, last checkpoint", fontsize=9)
     for i, case in enumerate(cases):
         image, truth = first[f"image/{case}"], first[f"truth/{case}"]
         panels = [("image", overlay_rgb(image, None)), ("truth", overlay_rgb(image, truth))]
@@ -1105,7 +1111,8 @@ def write_report(target: str | Path, log: Callable[[str], None] = print) -> Path
     # "3 patients (first)" -> "labeled patients"; mixed units -> "labeled count". A fraction row
     # (the all-labels reference) names its share itself (``labeled_cell``), so it sets no unit.
     units = {str(r["labeled_text"]).split(" ")[1] for r in main_rows
-             if len(str(r["labeled_text"]).split(" ")) > 1 and not labeled_cell(r).endswith("%")}
+             if len(str(r["labeled_text"]).split(" ")) > 1
+             and not labeled_cell(r["labeled"], r["labeled_text"]).endswith("%")}
     xlabel = f"labeled {units.pop()}" if len(units) == 1 else "labeled count"
     colours = _colours(r.method for r in main_results)  # one colour per method in every figure
     plot_dice_vs(main_rows, "labeled", bench_dir / "dice_vs_labeled.png", xlabel, colours)
