@@ -20,6 +20,7 @@ from semidiff.bench import (
     cell_done,
     collect,
     curve_runs,
+    finished_seconds,
     grid_cells,
     labels_only_row,
     load_bench,
@@ -279,6 +280,19 @@ def test_time_left_counts_each_method_at_its_own_mean_and_untimed_methods_apart(
         "4 cell(s) left, about 1.5 h for 3 of them (1 of methods not timed yet: mt)")
     assert time_left(cells[:2], {"sup": [1800.0]}) == "2 cell(s) left, about 1.0 h for 2 of them"
     assert time_left([], {}) == "0 cell(s) left"
+
+
+def test_the_estimate_starts_from_the_finished_cells_and_their_records(tmp_path):
+    cells = [Cell(m, tmp_path, 3, s, "clean") for m, s in (("sup", 0), ("sup", 1), ("mt", 0), ("mt", 1))]
+    for cell, wall in zip(cells[:3], (600.0, 1200.0, 300.0)):
+        run = tmp_path / cell.name
+        (run / "eval_val_last").mkdir(parents=True)
+        (run / "timing.json").write_text(json.dumps({"wall_seconds": wall, "steps": 1000}))
+        if cell.method == "sup":  # mt seed 0 trained but was never evaluated: not finished, not counted
+            (run / "eval_val_last" / "summary.json").write_text("{}")
+    assert finished_seconds(cells, tmp_path) == {"sup": [600.0, 1200.0]}
+    assert time_left(cells[2:], finished_seconds(cells, tmp_path)) == (
+        "2 cell(s) left (2 of methods not timed yet: mt)")
 
 
 def test_mean_std_ignores_missing_values():

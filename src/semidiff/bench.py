@@ -335,6 +335,18 @@ def time_left(pending: list[Cell], seconds: dict[str, list[float]]) -> str:
     return text
 
 
+def finished_seconds(cells: list[Cell], runs: Path) -> dict[str, list[float]]:
+    """Training seconds of each method's finished cells (``timing.json``; evaluation adds seconds to a
+    minute), records included, so the first estimate of what is left does not wait for a method's
+    first cell of this invocation."""
+    seconds: dict[str, list[float]] = {}
+    for cell in cells:
+        if cell_done(runs / cell.name) and (wall := (_read_json(runs / cell.name / "timing.json") or {})
+                                            .get("wall_seconds")):
+            seconds.setdefault(cell.method, []).append(float(wall))
+    return seconds
+
+
 def prepare_bench(config: str | Path, overrides: list[str] | None = None,
                   log: Callable[[str], None] = print) -> tuple[BenchSpec, Path, list[Cell], Path | None]:
     """Make a bench's folder and saved ``bench.yaml``, restore its records; returns the spec, the
@@ -367,11 +379,12 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
     """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
     spec, bench_dir, cells, records = prepare_bench(config, overrides, log)
     todo = [c for c in cells if not cell_done(bench_dir / "runs" / c.name)]
+    # For the estimate of what is left, logged at the start and after every cell.
+    pending, seconds = list(todo), finished_seconds(cells, bench_dir / "runs")
     log(f"bench {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
-        f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}")
+        f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}; {time_left(pending, seconds)}")
     lock, failures = threading.Lock(), []
     started = time.time()
-    pending, seconds = list(todo), {}  # for the estimate of what is left, logged after every cell
 
     def work(i_cell: tuple[int, Cell]) -> None:
         i, cell = i_cell
@@ -386,7 +399,7 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
             if state != "done":
                 failures.append(cell.name)
             else:
-                seconds.setdefault(cell.method, []).append(time.time() - t0)
+                seconds.update(finished_seconds(cells, bench_dir / "runs"))
                 if records:
                     save_record(bench_dir / "runs" / cell.name, records)
             log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: {state} in {time.time() - t0:.0f} s "
