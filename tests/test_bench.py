@@ -2,6 +2,7 @@
 the per-run metrics aggregated over seeds."""
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -114,6 +115,20 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
     (bench_dir / "table.csv").unlink()
     assert main(["report", str(bench_dir)]) == 0
     assert (bench_dir / "table.csv").read_text() == before
+
+    # benchmarks/paired_vs_labels_only.py: mt minus sup, seed by seed, from the same summary files.
+    spec = importlib.util.spec_from_file_location(
+        "paired", Path(__file__).parents[1] / "benchmarks" / "paired_vs_labels_only.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    rows = paired.paired_rows(bench_dir, baseline="sup", checkpoint="last")
+    for labeled in (2, 4):
+        d = [json.loads((runs / f"{m}_l{labeled}_s{s}" / "eval_val_last" / "summary.json").read_text())["mean"]["dice"]
+             for s in (0, 1) for m in ("mt", "sup")]
+        diffs = np.array([d[0] - d[1], d[2] - d[3]])
+        assert f"| {labeled} | clean | mt | 0,1 | {diffs.mean():+.3f} ± {diffs.std(ddof=1):.3f} | " \
+               f"{int((diffs > 0).sum())}/2 |" in rows
+    assert not any("| sup |" in r for r in rows)  # the baseline is not compared with itself
 
 
 def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_path):

@@ -803,13 +803,17 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
     xs_all = list(dict.fromkeys(r[axis] for r in rows))
     if axis == "labeled":
         xs_all = sorted(xs_all)
-    for method in dict.fromkeys(r["method"] for r in rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    # Methods at one x are spread sideways, so that their error bars do not hide each other.
+    dodge = min(0.08, 0.6 / max(len(methods), 1))
+    for j, method in enumerate(methods):
         pts = [(xs_all.index(r[axis]), r["dice"], len(r["seeds"])) for r in rows if r["method"] == method
                and (axis == "noise" or r["noise"] == rows[0]["noise"])]
         if not pts:
             continue
         pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
+        shift = (j - (len(methods) - 1) / 2) * dodge
+        ax.errorbar([p[0] + shift for p in pts], [p[1][0] for p in pts],
                     yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts],
                     marker=markers[method], capsize=3 if any(p[2] > 1 for p in pts) else 0, color=colours[method],
                     label=method)
@@ -879,13 +883,18 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
     fig = _figure(4.2 * max(1, len(panels)), 3.8)
     for i, ((labeled, target, kind), methods) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        lines = [m for m, pts in methods.items() if len(pts) > 1 or pts[0][0] != 0.0]
+        # Curves are spread sideways by a sliver of the amount axis, so their error bars do not hide
+        # each other at a shared amount.
+        dodge = 0.015 * (max(p[0] for pts in methods.values() for p in pts) or 1.0)
         for method, pts in methods.items():
-            if len(pts) == 1 and pts[0][0] == 0.0:
+            if method not in lines:
                 ax.axhline(pts[0][1][0], color=colours.get(method, "0.3"), ls="--", lw=1,
                            label=f"{method} (no pseudo-labels)")
                 continue
             seeded = any(p[2] > 1 for p in pts)
-            ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
+            shift = (lines.index(method) - (len(lines) - 1) / 2) * dodge
+            ax.errorbar([p[0] + shift for p in pts], [p[1][0] for p in pts],
                         yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts] if seeded else None,
                         marker=markers.get(method, "o"), capsize=3 if seeded else 0, color=colours.get(method, "0.3"),
                         label=method)
