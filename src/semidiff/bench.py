@@ -805,7 +805,7 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
         xs_all = sorted(xs_all)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     # Methods at one x are spread sideways, so that their error bars do not hide each other.
-    dodge = min(0.08, 0.6 / max(len(methods), 1))
+    dodge = min(0.04, 0.3 / max(len(methods), 1))
     for j, method in enumerate(methods):
         pts = [(xs_all.index(r[axis]), r["dice"], len(r["seeds"])) for r in rows if r["method"] == method
                and (axis == "noise" or r["noise"] == rows[0]["noise"])]
