@@ -27,6 +27,7 @@ def paired_rows(bench_dir: Path, baseline: str, checkpoint: str) -> list[str]:
     lines = [f"| labeled | noise | method | seeds | Dice - {baseline} (mean ± std over seeds) | above on |",
              "|---|---|---|---|---|---|"]
     for (method, labeled, noise), by_seed in sorted(dice.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        # Supervised has no pseudo-labels to corrupt, so a pseudo-noise cell is paired with its clean run.
         base = dice.get((baseline, labeled, noise)) or dice.get((baseline, labeled, "clean"), {})
         seeds = sorted(set(by_seed) & set(base))
         if method == baseline or not seeds:

@@ -776,6 +776,11 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=110, layout="constrained")
 
 
+def _sideways(i: int, n: int, step: float) -> float:
+    """The x offset of the i-th of n curves that share x values, centred on them, ``step`` apart."""
+    return (i - (n - 1) / 2) * step
+
+
 def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
                  colours: dict[str, str] | None = None) -> None:
     """Mean Dice (last checkpoint, error bar = std over seeds) against labeled count or noise level."""
@@ -812,7 +817,7 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
         if not pts:
             continue
         pts.sort()
-        shift = (j - (len(methods) - 1) / 2) * dodge
+        shift = _sideways(j, len(methods), dodge)
         ax.errorbar([p[0] + shift for p in pts], [p[1][0] for p in pts],
                     yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts],
                     marker=markers[method], capsize=3 if any(p[2] > 1 for p in pts) else 0, color=colours[method],
@@ -893,7 +898,7 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
                            label=f"{method} (no pseudo-labels)")
                 continue
             seeded = any(p[2] > 1 for p in pts)
-            shift = (lines.index(method) - (len(lines) - 1) / 2) * dodge
+            shift = _sideways(lines.index(method), len(lines), dodge)
             ax.errorbar([p[0] + shift for p in pts], [p[1][0] for p in pts],
                         yerr=[p[1][1] if p[2] > 1 else 0.0 for p in pts] if seeded else None,
                         marker=markers.get(method, "o"), capsize=3 if seeded else 0, color=colours.get(method, "0.3"),
