@@ -116,12 +116,9 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
     assert main(["report", str(bench_dir)]) == 0
     assert (bench_dir / "table.csv").read_text() == before
 
-    # benchmarks/paired_vs_labels_only.py: mt minus sup, seed by seed, from the same summary files.
-    spec = importlib.util.spec_from_file_location(
-        "paired", Path(__file__).parents[1] / "benchmarks" / "paired_vs_labels_only.py")
-    paired = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paired)
-    rows = paired.paired_rows(bench_dir, baseline="sup", checkpoint="last")
+    # benchmarks/paired_differences.py: mt minus sup, seed by seed, from the same summary files.
+    paired = _paired_script()
+    rows = paired.paired_rows(paired.dice_by_cell(bench_dir, "last"), baseline="sup")
     for labeled in (2, 4):
         d = [json.loads((runs / f"{m}_l{labeled}_s{s}" / "eval_val_last" / "summary.json").read_text())["mean"]["dice"]
              for s in (0, 1) for m in ("mt", "sup")]
@@ -129,6 +126,32 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
         assert f"| {labeled} | clean | mt | 0,1 | {diffs.mean():+.3f} ± {diffs.std(ddof=1):.3f} | " \
                f"{int((diffs > 0).sum())}/2 |" in rows
     assert not any("| sup |" in r for r in rows)  # the baseline is not compared with itself
+
+
+def _paired_script():
+    spec = importlib.util.spec_from_file_location(
+        "paired", Path(__file__).parents[1] / "benchmarks" / "paired_differences.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+    return paired
+
+
+def test_paired_differences_against_clean_subtract_each_methods_own_clean_run_seed_by_seed():
+    paired = _paired_script()
+    dice = {("sup", 7, "clean"): {0: 0.60, 1: 0.50},
+            ("mt", 7, "clean"): {0: 0.70, 1: 0.64, 2: 0.66},
+            ("mt", 7, "pseudo-flip-0.3"): {0: 0.60, 1: 0.66},      # -0.10 and +0.02; seed 2 unpaired
+            ("proto", 7, "clean"): {0: 0.55},
+            ("proto", 7, "pseudo-flip-0.3"): {0: 0.54},
+            ("proto", 7, "pseudo-erode-k4"): {1: 0.50}}             # no clean run of seed 1: no row
+    rows = paired.paired_rows(dice, against="clean")
+    assert "| 7 | pseudo-flip-0.3 | mt | 0,1 | -0.040 ± 0.085 | 1/2 |" in rows
+    assert "| 7 | pseudo-flip-0.3 | proto | 0 | -0.010 | 0/1 |" in rows
+    assert len(rows) == 4  # header, rule and those two: no clean row, no row without a pair
+    # Against labels only, a pseudo-noise cell is paired with the baseline's clean run of its seed.
+    rows = paired.paired_rows(dice, baseline="sup")
+    assert "| 7 | pseudo-flip-0.3 | mt | 0,1 | +0.080 ± 0.113 | 1/2 |" in rows
+    assert "| 7 | clean | mt | 0,1 | +0.120 ± 0.028 | 2/2 |" in rows
 
 
 def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_path):
