@@ -785,8 +785,9 @@ def plot_dice_vs(rows: list[dict], axis: str, out_file: Path, xlabel: str,
                  colours: dict[str, str] | None = None) -> None:
     """Mean Dice (last checkpoint, error bar = std over seeds) against labeled count or noise level."""
     rows = [r for r in rows if r["checkpoint"] == "last"]
-    # Past a handful of rows an in-axes legend hides the points: it goes to the right of the plot.
-    legend_outside = len({r["method"] for r in rows}) > 8
+    # Past a handful of rows an in-axes legend covers points or error bars (seen on the ACDC grid's
+    # 8 rows): it goes to the right of the plot.
+    legend_outside = len({r["method"] for r in rows}) > 5
     fig = _figure(9 if legend_outside else 6, 4)
     ax = fig.add_subplot()
     # A row trained at a count no other row uses (the all-labels upper bound) is a reference line.
