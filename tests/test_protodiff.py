@@ -356,6 +356,21 @@ def test_warmup_is_supervised_only():
     assert method.prototype_ready.all()
 
 
+def test_unsup_normalisation_all_scales_l_u_by_the_confident_share():
+    parts = {}
+    for norm in ("confident", "all"):
+        torch.manual_seed(0)  # same weights, noise and views for both
+        method = _method(confidence_threshold=0.4, unsup_normalisation=norm)
+        labeled, unlabeled = _batch(2)
+        parts[norm] = method.training_step(labeled, unlabeled, Progress(0, 10))
+    share = parts["all"]["conf_ratio"].item()
+    assert 0.0 < share < 1.0  # some pixels confident, some not: the two rules differ
+    assert parts["all"]["conf_ratio"].item() == pytest.approx(parts["confident"]["conf_ratio"].item())
+    assert parts["all"]["loss_unsup"].item() == pytest.approx(share * parts["confident"]["loss_unsup"].item(),
+                                                              rel=1e-5)
+    assert parts["all"]["loss_sup"].item() == pytest.approx(parts["confident"]["loss_sup"].item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0])
 def test_image_only_share_trains_the_decoder_from_pure_noise(share):
     method = _method(image_only_share=share)
@@ -379,6 +394,7 @@ def test_image_only_share_trains_the_decoder_from_pure_noise(share):
     {"label_scale": 1.0, "image_only_share": 0.5},
     {"prototype_momentum": 0.999},
     {"prototype_unlabeled_weight": 0.5, "confidence_threshold": 0.0},
+    {"unsup_normalisation": "all"},
 ])
 def test_each_ablation_builds_and_steps(options):
     method = _method(cutmix_prob=1.0, **options)

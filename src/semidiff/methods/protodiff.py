@@ -279,6 +279,10 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
             ``t``). With a ``label_scale`` large enough for the decoder to see the latent label,
             uniform ``t`` teaches it to copy the label (``benchmarks/label_reliance.py``).
         confidence_threshold: Unlabeled pixels below it are ignored in ``L_u`` (0.95).
+        unsup_normalisation: ``"confident"`` averages ``L_u`` over the confident pixels only, so a
+            few confident pixels carry the full weight ``lambda_u``; ``"all"`` scales it by the
+            confident share of the unlabeled pixels (its cross-entropy is then the mean over all of
+            them), so ``L_u`` fades when the teacher stops being confident (noisy pseudo-labels).
         lambda_u: Weight of ``L_u`` (1.0), ramped by ``r(t)``.
         lambda_p: Weight of ``L_proto`` (0.1), ramped by ``r(t)``.
         warmup: Supervised-only steps before the unlabeled terms and the prototypes start: an
@@ -308,6 +312,7 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
     sample_seed: int = 0
     image_only_share: float = Field(default=0.0, ge=0.0, le=1.0)
     confidence_threshold: float = Field(default=0.95, ge=0.0, le=1.0)
+    unsup_normalisation: Literal["confident", "all"] = "confident"
     lambda_u: float = Field(default=1.0, ge=0.0)
     lambda_p: float = Field(default=0.1, ge=0.0)
     warmup: StepsOrFraction = 0.1
@@ -519,6 +524,8 @@ class ProtoDiff(Method):
         loss_sup = seg_loss(logits[:n_l], y_l)
         confident = (conf_s >= o.confidence_threshold).float()
         loss_unsup = seg_loss(logits[n_l:], plab_s, confident)
+        if o.unsup_normalisation == "all":
+            loss_unsup = loss_unsup * confident.mean()
         # 4. Prototype terms on the hidden grid.
         zero = torch.zeros((), device=loss_sup.device)
         loss_nce, loss_cons = zero, zero
