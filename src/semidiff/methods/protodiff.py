@@ -523,9 +523,10 @@ class ProtoDiff(Method):
         logits, hidden_s = net(torch.cat([x_l, x_s]), z_t, t)
         loss_sup = seg_loss(logits[:n_l], y_l)
         confident = (conf_s >= o.confidence_threshold).float()
+        conf_ratio = confident.mean()
         loss_unsup = seg_loss(logits[n_l:], plab_s, confident)
         if o.unsup_normalisation == "all":
-            loss_unsup = loss_unsup * confident.mean()
+            loss_unsup = loss_unsup * conf_ratio
         # 4. Prototype terms on the hidden grid.
         zero = torch.zeros((), device=loss_sup.device)
         loss_nce, loss_cons = zero, zero
@@ -549,7 +550,7 @@ class ProtoDiff(Method):
                 "loss_proto": loss_proto.detach(), "loss_nce": loss_nce.detach(), "loss_cons": loss_cons.detach(),
                 "u_weight": torch.tensor(u_weight, device=loss.device),
                 "p_weight": torch.tensor(p_weight, device=loss.device),
-                "conf_ratio": confident.mean().detach(), "prototypes_ready": ready.sum().float()}
+                "conf_ratio": conf_ratio.detach(), "prototypes_ready": ready.sum().float()}
 
     def _prototype_sums(self, hidden_t: Tensor, y_l: Tensor, plab_u: Tensor, conf_u: Tensor) -> tuple[Tensor, Tensor]:
         """Per-class sums of the teacher's normalised features for the next prototype update."""
