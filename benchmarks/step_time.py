@@ -19,6 +19,7 @@ from semidiff.config import load_config
 from semidiff.engine.data import SemidiffData, collate_two_streams
 from semidiff.engine.module import SemidiffModule
 from semidiff.evaluation.evaluate import autocast_for
+from semidiff.hardware import resolve_precision
 from semidiff.methods import Progress
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     torch.manual_seed(cfg.experiment.seed)
     device = torch.device(args.device)
     module = SemidiffModule(cfg.model_dump(mode="json")).to(device)
+    module.setup("fit")  # precision / memory format / compile as training resolves them on this machine
     data = SemidiffData(cfg, uses_unlabeled=module.method.uses_unlabeled)
     opt = module.configure_optimizers()["optimizer"]
     items = data.train_items
@@ -48,6 +50,7 @@ def main() -> None:
         idx += [(n_lab + i % max(1, len(items) - n_lab), step * 100 + 50 + i) for i in range(unl_b)]
         batch = collate_two_streams([items[k] for k in idx])
         batch = {k: None if v is None else {n: t.to(device) for n, t in v.items()} for k, v in batch.items()}
+        batch = module.on_after_batch_transfer(batch, 0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -69,7 +72,7 @@ def main() -> None:
     print("| config | method | net | batch | patch | precision | s/step | peak memory | machine |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.config} {' '.join(args.overrides)} | {cfg.method.name} | {cfg.model.net} | {lab_b}+{unl_b} | "
-          f"{cfg.data.patch_size} | {cfg.train.precision} | {s:.3f} | {mem} | "
+          f"{cfg.data.patch_size} | {resolve_precision(cfg.train.precision, args.device)} | {s:.3f} | {mem} | "
           f"{platform.machine()}, {torch.get_num_threads()} threads, {device} |")
 
 

@@ -495,3 +495,33 @@ def test_ds_image_only_share_trains_ds_from_pure_noise(share):
         assert (t == last).all()
     else:
         assert len(t) == 8 and (t < last).any()
+
+
+def _infonce_over_all_pairs(anchors, anchor_classes, memory, valid, tau):
+    """The loss written pair by pair over the flat list of valid entries (the definition)."""
+    num_classes, size, _ = memory.shape
+    keys = memory.reshape(num_classes * size, -1)[valid.reshape(-1)]
+    key_classes = torch.arange(num_classes).repeat_interleave(size)[valid.reshape(-1)]
+    losses = []
+    for a, c in zip(anchors, anchor_classes, strict=True):
+        s = keys @ a / tau
+        pos, neg = s[key_classes == c], s[key_classes != c]
+        if len(pos) and len(neg):
+            losses.append((torch.logaddexp(pos, torch.logsumexp(neg, 0)) - pos).mean())
+    return torch.stack(losses).mean()
+
+
+def test_contrastive_loss_and_gradient_match_the_pairwise_definition_on_a_partly_filled_bank():
+    g = torch.Generator().manual_seed(5)
+    memory = F.normalize(torch.randn(4, 6, 8, generator=g), dim=2)
+    valid = torch.rand(4, 6, generator=g) > 0.4
+    valid[3] = False  # a class with no entry: its anchors are skipped
+    classes = torch.randint(0, 4, (40,), generator=g)
+    anchors = F.normalize(torch.randn(40, 8, generator=g), dim=1).requires_grad_(True)
+    got = memory_infonce(anchors, classes, memory, valid, tau=0.1)
+    (grad_got,) = torch.autograd.grad(got, anchors)
+    want = _infonce_over_all_pairs(anchors, classes, memory, valid, tau=0.1)
+    (grad_want,) = torch.autograd.grad(want, anchors)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad_got, grad_want)
+    assert torch.isfinite(grad_got).all() and grad_got[classes == 3].abs().sum() == 0

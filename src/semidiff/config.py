@@ -105,12 +105,21 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(default=None, gt=0)
     val_every: int = Field(default=200, gt=0)
     log_every: int = Field(default=10, gt=0)
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = Field(
+        default="32",
+        description="auto: bf16-mixed on a CUDA GPU with bf16 and on CPUs with native bf16 (avx512_bf16, AMX), "
+        "else 32 (semidiff/hardware.py); the reduced configs use it",
+    )
+    memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
+        default="auto", description="auto: channels-last for 2D networks in mixed precision, where it is faster")
+    compile: bool = Field(default=False, description="torch.compile each network (slower on CPU: see step_times.md)")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = 1
     num_nodes: int = Field(default=1, ge=1)
     deterministic: bool = False
-    num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None: torch's default)")
+    num_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch CPU threads (None: the cores divided among the trainings running on this machine)")
     progress_bar: bool = True
     nonfinite: Literal["stop", "skip"] = Field(
         default="stop",

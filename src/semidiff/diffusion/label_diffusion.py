@@ -41,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, NoiseSchedules
 from torch import Tensor
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.errors import ConfigError
 
 __all__ = ["AVERAGES", "LabelDiffusion", "list_schedules"]
@@ -290,6 +292,7 @@ class LabelDiffusion:
 
     # ---- reverse process -----------------------------------------------------------------------
     @torch.no_grad()
+    @record_function(profiling.DDIM)
     def ddim_sample(
         self,
         denoise_fn: DenoiseFn,

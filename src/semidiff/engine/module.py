@@ -16,6 +16,7 @@ from semidiff.errors import SemidiffError
 from semidiff.evaluation.evaluate import labels_from_probs, overlay_row, predict_image
 from semidiff.evaluation.figures import overlay_figure_tensor
 from semidiff.evaluation.metrics import case_metrics, summarize
+from semidiff.hardware import resolve_memory_format, resolve_precision
 from semidiff.methods import NetSpec, Progress, create_method
 from semidiff.methods.base import all_reduce_sum
 
@@ -61,6 +62,29 @@ class SemidiffModule(L.LightningModule):
         #: steps skipped for a non-finite loss (``train.nonfinite: skip``); checkpointed
         self.skipped_steps = 0
         self._skipping = False  # the current batch is being skipped
+        #: channels-last (or None) for networks and batches, set per machine in :meth:`setup`
+        self.memory_format: torch.memory_format | None = None
+
+    def setup(self, stage: str) -> None:
+        # Resolved on the machine that trains (train.precision / memory_format: auto), so the
+        # config and checkpoints stay the same on every machine.
+        t = self.cfg.train
+        precision = resolve_precision(t.precision, t.accelerator)
+        self.memory_format = resolve_memory_format(t.memory_format, self.cfg.spatial_dims, precision)
+        if self.memory_format is not None:
+            self.method.to(memory_format=self.memory_format)
+        if t.compile:
+            # In place: the state-dict keys (checkpoints) stay those of the uncompiled networks.
+            for net in self.method.children():
+                if any(True for _ in net.parameters()):
+                    net.compile()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.memory_format is not None and isinstance(batch, dict):  # training batches (not val cases)
+            for stream in batch.values():
+                if stream is not None:
+                    stream["image"] = stream["image"].contiguous(memory_format=self.memory_format)
+        return batch
 
     @property
     def batch_number(self) -> int:

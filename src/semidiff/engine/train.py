@@ -19,8 +19,10 @@ from semidiff.data.record import check_label_values
 from semidiff.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from semidiff.engine.data import SemidiffData
 from semidiff.engine.module import SemidiffModule
+from semidiff.engine.threads import ThreadShare
 from semidiff.errors import ConfigError, DataError, SemidiffError
 from semidiff.evaluation.evaluate import evaluate
+from semidiff.hardware import resolve_precision
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -100,6 +102,15 @@ def check_case_fits_model(case, cfg: Config) -> None:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train one run; returns the final evaluation summaries (last and best on validation)."""
+    threads = ThreadShare(cfg.train.num_threads, log=log)
+    threads.register()  # counted among this machine's trainings until training and evaluation end
+    try:
+        return _train(cfg, resume, overwrite, log, threads)
+    finally:
+        threads.unregister()
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare) -> dict:
     run_dir = cfg.run_dir()
     last = checkpoint_path(run_dir, "last")
     rank_zero = is_launch_rank_zero()
@@ -109,8 +120,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print)
             f"{run_dir}: run folder exists; pass --resume to continue it or --overwrite to start again"
         )
 
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
+    threads.update()  # before the model and data are built (preflight loads every case)
     L.seed_everything(cfg.experiment.seed, workers=True, verbose=False)
     module = SemidiffModule(cfg.model_dump(mode="json"))
     data = SemidiffData(cfg, uses_unlabeled=module.method.uses_unlabeled)
@@ -151,13 +161,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print)
         # One CSV folder per (re)start: Lightning's CSV writer would overwrite the earlier part.
         CSVLogger(save_dir=str(run_dir), name="csv"),
     ]
+    precision = resolve_precision(cfg.train.precision, cfg.train.accelerator)
+    log(f"precision: {precision}" + (" (train.precision auto)" if cfg.train.precision == "auto" else ""))
     trainer = L.Trainer(
         max_steps=cfg.train.max_steps,
         max_epochs=-1,
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
         num_nodes=cfg.train.num_nodes,
-        precision=cfg.train.precision,
+        precision=precision,
         deterministic=cfg.train.deterministic,
         gradient_clip_val=cfg.train.grad_clip,
         log_every_n_steps=cfg.train.log_every,
@@ -165,7 +177,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print)
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the two-stream sampler shards itself by rank
-        callbacks=[ckpt_cb],
+        callbacks=[ckpt_cb, threads],
         plugins=[AtomicCheckpointIO()],  # last/best/final: temporary file, then os.replace
         logger=loggers,
         enable_progress_bar=cfg.train.progress_bar,
@@ -185,7 +197,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print)
     if not trainer.is_global_zero:
         return {}  # rank 0 alone writes timing and evaluates (once, over the whole set)
     steps_done = trainer.global_step
-    timing = {"wall_seconds": round(wall, 1), "steps": steps_done, "peak_memory_mib": peak_memory_mib()}
+    timing = {"wall_seconds": round(wall, 1), "steps": steps_done, "peak_memory_mib": peak_memory_mib(),
+              "precision": precision, "memory_format": str(module.memory_format).removeprefix("torch."),
+              "threads": threads.threads}
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"trained {steps_done} steps in {wall:.0f} s")
 

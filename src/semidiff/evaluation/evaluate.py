@@ -28,6 +28,7 @@ from semidiff.evaluation.metrics import (
     summarize,
     write_metrics,
 )
+from semidiff.hardware import resolve_precision
 from semidiff.noise import describe_noise
 
 
@@ -45,9 +46,10 @@ def default_stride(cfg: Config) -> list[int]:
 
 
 def autocast_for(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16-mixed":
+    precision = resolve_precision(cfg.train.precision, "cuda" if device.type == "cuda" else device.type)
+    if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.train.precision == "16-mixed" and device.type == "cuda":
+    if precision == "16-mixed" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 

@@ -29,7 +29,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 from torch import Tensor
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.methods.base import MethodOptions, NetSpec, Progress, register_method
 from semidiff.methods.common import (
     StepsOrFraction,
@@ -137,7 +139,7 @@ class BCP(TeacherStudentMethod):
         n = min((len(x_l) + 1) // 2, (len(x_u) + 1) // 2)
         (xl_a, xl_b), (yl_a, yl_b) = pair_halves(x_l, n), pair_halves(y_l, n)
         xu_a, xu_b = pair_halves(x_u, n)
-        with torch.no_grad():
+        with torch.no_grad(), record_function(profiling.TEACHER):
             plab, _ = pseudo_label(softmax_probs(self.teacher, torch.cat([xu_a, xu_b])))
             if self.options.largest_component:
                 plab = largest_component(plab, self.net_spec.num_classes)

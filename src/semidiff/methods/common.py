@@ -17,7 +17,9 @@ import torch
 from pydantic import AfterValidator, Field
 from scipy import ndimage
 from torch import Tensor, nn
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.errors import ConfigError
 from semidiff.methods.base import Method, MethodOptions, NetSpec, Progress
 from semidiff.nets import create_net
@@ -117,6 +119,7 @@ def make_ema_copy(net: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+@record_function(profiling.EMA)
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float, step: int) -> float:
     """Move the teacher towards the student: ``theta_t <- alpha theta_t + (1 - alpha) theta_s``.
 

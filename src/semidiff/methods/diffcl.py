@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.diffusion import LabelDiffusion
 from semidiff.errors import ConfigError
 from semidiff.methods.base import (
@@ -172,21 +174,31 @@ def memory_infonce(anchors: Tensor, anchor_classes: Tensor, memory: Tensor, memo
     Returns:
         The mean over the kept anchors (a zero that keeps the graph when none is kept).
     """
-    num_classes, size, _ = memory.shape
-    keys = memory.reshape(num_classes * size, -1)[memory_valid.reshape(-1)]
-    key_classes = torch.arange(num_classes, device=memory.device).repeat_interleave(size)[memory_valid.reshape(-1)]
+    num_classes, size, dim = memory.shape
+    cls = anchor_classes.long()
     zero = anchors.sum() * 0.0
-    if len(anchors) == 0 or len(keys) == 0:
-        return zero
-    sim = anchors.float() @ keys.float().t() / tau  # (n, M)
-    positive = anchor_classes[:, None].long() == key_classes[None, :]
-    keep = positive.any(1) & (~positive).any(1)
+    counts = memory_valid.sum(1)
+    # Anchors with a positive (an entry of their class) and a negative (an entry of another).
+    keep = (counts[cls] > 0) & (counts.sum() - counts[cls] > 0) if len(anchors) else cls.bool()
     if not bool(keep.any()):
         return zero
-    sim, positive = sim[keep], positive[keep]
-    neg_lse = torch.logsumexp(sim.masked_fill(positive, float("-inf")), dim=1, keepdim=True)
-    per_positive = torch.logaddexp(sim, neg_lse) - sim  # -log(exp(s_p) / (exp(s_p) + sum_n exp(s_n)))
-    return ((per_positive * positive).sum(1) / positive.sum(1)).mean()
+    cls = cls[keep]
+    sim = (anchors[keep].float() @ memory.reshape(-1, dim).float().t() / tau).view(-1, num_classes, size)
+    # Empty slots get a logit whose exp is exactly 0 in float32 (finite, so no NaN gradient).
+    sim = sim.masked_fill(~memory_valid[None], _EMPTY_LOGIT)
+    # One logsumexp per class block; the negatives' is that over the other classes' blocks.
+    class_lse = torch.logsumexp(sim, dim=2)  # (n, C)
+    own = F.one_hot(cls, num_classes).bool()
+    neg_lse = torch.logsumexp(class_lse.masked_fill(own, _EMPTY_LOGIT), dim=1, keepdim=True)
+    positive = sim[torch.arange(len(cls), device=sim.device), cls]  # (n, K): the anchor's class block
+    is_positive = memory_valid[cls]
+    per_positive = torch.logaddexp(positive, neg_lse) - positive  # -log(exp(s_p) / (exp(s_p) + sum_n exp(s_n)))
+    per_positive = torch.where(is_positive, per_positive, 0.0)
+    return (per_positive.sum(1) / is_positive.sum(1)).mean()
+
+
+#: Logit of an empty memory slot in :func:`memory_infonce` (similarities are at most 1 / tau).
+_EMPTY_LOGIT = -1e4
 
 
 # ---- options -----------------------------------------------------------------------------------
@@ -418,7 +430,8 @@ class DiffCL(Method):
 
         self._pending_push = None
         if o.use_contrast:
-            contrast, self._pending_push = self._contrast(features, logits_cs, y_l, pseudo_u, n_l)
+            with record_function(profiling.CONTRAST):
+                contrast, self._pending_push = self._contrast(features, logits_cs, y_l, pseudo_u, n_l)
             parts.update(contrast)
             loss = loss + mu2 * o.eta * parts["loss_contrast"]
             assert self.bank is not None

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 from torch import Tensor
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.methods.base import Progress, register_method
 from semidiff.methods.common import (
     RampOptions,
@@ -75,7 +77,7 @@ class MeanTeacher(TeacherStudentMethod):
             The loss and extra named parts to log (none here).
         """
         o = self.options
-        with torch.no_grad():
+        with torch.no_grad(), record_function(profiling.TEACHER):
             target = softmax_probs(self.teacher, x_u + input_noise(x_u, o.noise_std, o.noise_clip))
             target = self.corrupt_soft_pseudo(target)  # noise benchmark (identity unless noise.target: pseudo)
         return softmax_mse(student_logits, target).mean(), {}

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.diffusion.label_diffusion import LabelDiffusion
 from semidiff.errors import ConfigError
 from semidiff.methods.base import (
@@ -508,7 +510,7 @@ class ProtoDiff(Method):
 
         net, grid = self.student, self.student.to_hidden_grid
         # 1. Teacher on labeled + weak unlabeled views.
-        with torch.no_grad():
+        with torch.no_grad(), record_function(profiling.TEACHER):
             steps = o.pseudo_label_steps or o.sampling_steps
             probs_t, hidden_t = self.sample(self.teacher, torch.cat([x_l, x_u]), steps)
             conf_u, plab_u = probs_t[n_l:].max(dim=1, keepdim=True)
@@ -532,16 +534,17 @@ class ProtoDiff(Method):
         loss_nce, loss_cons = zero, zero
         ready = self.prototype_ready.clone()
         protos = self.prototypes.clone()
-        if o.uses_infonce:
-            labels_h = torch.cat([grid(y_l), grid(plab_s)]).round().long()
-            weights_h = torch.cat([torch.ones_like(grid(y_l)), grid(conf_s)])
-            loss_nce = prototype_infonce(hidden_s, labels_h, weights_h, protos, ready, o.temperature,
-                                         o.pixels_per_class)
-        if o.uses_consistency:
-            loss_cons = prototype_kl(hidden_s[n_l:], hidden_t_s, protos, ready, o.temperature)
-        loss_proto = loss_nce + o.consistency_weight * loss_cons
-        if o.prototype_loss != "none":
-            self._pending = self._prototype_sums(hidden_t, y_l, plab_u, conf_u)
+        with record_function(profiling.CONTRAST):
+            if o.uses_infonce:
+                labels_h = torch.cat([grid(y_l), grid(plab_s)]).round().long()
+                weights_h = torch.cat([torch.ones_like(grid(y_l)), grid(conf_s)])
+                loss_nce = prototype_infonce(hidden_s, labels_h, weights_h, protos, ready, o.temperature,
+                                             o.pixels_per_class)
+            if o.uses_consistency:
+                loss_cons = prototype_kl(hidden_s[n_l:], hidden_t_s, protos, ready, o.temperature)
+            loss_proto = loss_nce + o.consistency_weight * loss_cons
+            if o.prototype_loss != "none":
+                self._pending = self._prototype_sums(hidden_t, y_l, plab_u, conf_u)
         # 5. Total.
         ramp = o.ramp(progress)
         u_weight, p_weight = o.lambda_u * ramp, o.lambda_p * ramp

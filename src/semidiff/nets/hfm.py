@@ -32,7 +32,9 @@ from typing import Literal
 import torch
 from mambapy.mamba import MambaBlock, MambaConfig
 from torch import Tensor, nn
+from torch.profiler import record_function
 
+from semidiff import profiling
 from semidiff.errors import ConfigError
 from semidiff.nets.blocks import SegmentationNet
 
@@ -232,6 +234,7 @@ class HFMBlock(nn.Module):
             out = out + backward(tokens.flip(1)).flip(1)
         return out
 
+    @record_function(profiling.HFM)
     def forward(self, x: Tensor) -> Tensor:
         """``X * (1 + sigmoid(conv1x1(Mamba(high_pass(X)))))``, same shape as ``x``."""
         if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.channels:
