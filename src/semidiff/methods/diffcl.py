@@ -53,7 +53,7 @@ from semidiff.methods.common import (
     require_unlabeled,
     softmax_probs,
 )
-from semidiff.methods.losses import seg_loss
+from semidiff.methods.losses import ce_loss, seg_loss
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
 from semidiff.nets.hfm import add_hfm
 
@@ -93,7 +93,8 @@ def sample_balanced(classes: Tensor, cap: int, num_classes: int) -> Tensor:
 
     A class with fewer voxels than its quota gives all of them (the total is then below ``cap``).
     """
-    present = int((torch.bincount(classes.clamp(0, num_classes - 1), minlength=num_classes) > 0).sum())
+    valid = classes[(classes >= 0) & (classes < num_classes)]  # -1 marks voxels left out
+    present = int((torch.bincount(valid, minlength=num_classes) > 0).sum())
     if present == 0 or cap <= 0:
         return classes.new_zeros(0, dtype=torch.long)
     return sample_per_class(classes, max(1, cap // present), num_classes)
@@ -244,6 +245,17 @@ class DiffCLOptions(RampOptions):
         tau: InfoNCE temperature (0.1).
         contrast_voxels: Sampled anchor voxels per set (unlabeled, labeled), class-balanced (4096).
         contrast_labeled: Also contrast labeled voxels with their true class.
+        pseudo_mask: Which pseudo-labelled voxels each network learns from, in both directions:
+            ``none`` (all, the paper's reading), ``confidence`` (the teaching network's
+            probability at least ``pseudo_threshold``), ``agreement`` (DS and CS predict the
+            same class) or ``both``. A weak peer then teaches only where it is sure or agrees.
+        pseudo_threshold: Confidence threshold of ``pseudo_mask: confidence | both``.
+        pseudo_loss: Loss on pseudo-labels: ``seg`` (0.5 CE + 0.5 Dice, as on labels) or ``ce``
+            (cross-entropy only, averaged over the masked voxels).
+        ds_sample_mode: DS's mode while it samples the pseudo-labels for CS: ``train`` (dropout
+            on, batch statistics) or ``eval`` (as at test time).
+        contrast_anchors: Classes of the unlabeled anchors of the contrastive term: ``ds`` (DS's
+            pseudo-class for every voxel) or ``agree`` (only voxels where DS and CS agree).
         mu1: Weight of ``L_d_pseudo`` (times the ramp).
         mu2: Weight of ``L_c_pseudo + eta L_contrast`` (times the ramp).
         eta: Weight of ``L_contrast`` inside CS's unlabeled loss (0.1).
@@ -285,6 +297,12 @@ class DiffCLOptions(RampOptions):
     tau: float = Field(default=0.1, gt=0.0)
     contrast_voxels: int = Field(default=4096, ge=1)
     contrast_labeled: bool = True
+
+    pseudo_mask: Literal["none", "confidence", "agreement", "both"] = "none"
+    pseudo_threshold: float = Field(default=0.9, ge=0.0, le=1.0)
+    pseudo_loss: Literal["seg", "ce"] = "seg"
+    ds_sample_mode: Literal["train", "eval"] = "train"
+    contrast_anchors: Literal["ds", "agree"] = "ds"
 
     mu1: float = Field(default=1.0, ge=0.0)
     mu2: float = Field(default=1.0, ge=0.0)
@@ -349,14 +367,49 @@ class DiffCL(Method):
         return cs
 
     # ---- pieces ----------------------------------------------------------------------------
-    def sample_ds(self, image: Tensor, steps: int, generator: torch.Generator | None = None) -> Tensor:
-        """DS class probabilities for ``image`` by deterministic DDIM with ``steps`` steps (no grad)."""
+    def sample_ds(self, image: Tensor, steps: int, generator: torch.Generator | None = None,
+                  eval_mode: bool = False) -> Tensor:
+        """DS class probabilities for ``image`` by deterministic DDIM with ``steps`` steps (no grad).
+
+        ``eval_mode`` samples with DS in eval mode (no dropout, running BatchNorm statistics) and
+        puts it back in the mode it was in.
+        """
         if self.ds is None:
             raise ConfigError("method.options.peer: the 'ds' output needs the diffusion segmenter (peer: ds)")
         ds = self.ds
         shape = (image.shape[0], self.num_classes, *image.shape[2:])
-        return self.diffusion.ddim_sample(lambda y, t: ds(image, y, t), shape, steps, device=image.device,
-                                          generator=generator, average=self.options.ddim_average)
+        was_training = ds.training
+        if eval_mode:
+            ds.eval()
+        try:
+            return self.diffusion.ddim_sample(lambda y, t: ds(image, y, t), shape, steps, device=image.device,
+                                              generator=generator, average=self.options.ddim_average)
+        finally:
+            ds.train(was_training)
+
+    def pseudo_mask(self, confidence: Tensor, teacher_labels: Tensor, student_labels: Tensor) -> Tensor | None:
+        """Voxel weights of a pseudo-label loss (``pseudo_mask``): None when every voxel counts.
+
+        Args:
+            confidence: ``(B, 1, *spatial)`` the teaching network's probability of its label.
+            teacher_labels: ``(B, 1, *spatial)`` the pseudo-labels.
+            student_labels: ``(B, 1, *spatial)`` the learning network's own hard labels.
+        """
+        o = self.options
+        if o.pseudo_mask == "none":
+            return None
+        mask = torch.ones_like(confidence)
+        if o.pseudo_mask in ("confidence", "both"):
+            mask = mask * (confidence >= o.pseudo_threshold).float()
+        if o.pseudo_mask in ("agreement", "both"):
+            mask = mask * (teacher_labels == student_labels).float()
+        return mask
+
+    def pseudo_loss(self, logits: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+        """``pseudo_loss`` of ``logits`` against pseudo-labels, over the voxels of ``mask``."""
+        if self.options.pseudo_loss == "ce":
+            return ce_loss(logits, labels, mask)
+        return seg_loss(logits, labels, mask)
 
     def project(self, features: Tensor, index: Tensor) -> Tensor:
         """L2-normalised projections of the voxels ``index`` of ``features`` (B, F, *spatial)."""
@@ -404,29 +457,37 @@ class DiffCL(Method):
         loss = parts["loss_c_sup"]
         pseudo_u: Tensor | None = None  # the peer's hard labels of the unlabeled images
         if x_u is not None:
-            # CS's own hard labels for its peer (no gradient through them).
-            plab_cs = self.corrupt_pseudo(logits_cs[n_l:].detach().argmax(1, keepdim=True))
+            # CS's own hard labels (and confidences) for its peer, no gradient through them.
+            conf_cs, plab_cs = torch.softmax(logits_cs[n_l:].detach().float(), dim=1).max(1, keepdim=True)
+            plab_cs = self.corrupt_pseudo(plab_cs)
             if o.peer == "ds":
                 assert self.ds is not None
                 # DS -> CS: DDIM pseudo-labels with S_pl steps (sample_ds runs without gradient).
-                pseudo_u = self.corrupt_pseudo(self.sample_ds(x_u, o.pl_steps).argmax(1, keepdim=True))
+                probs_peer = self.sample_ds(x_u, o.pl_steps, eval_mode=o.ds_sample_mode == "eval")
                 # DS on labeled (true label) and unlabeled (CS's label) images in one pass.
                 target = torch.cat([y_l.long(), plab_cs])
                 t = self.diffusion.sample_timesteps(len(x), x.device, final_share=o.ds_image_only_share)
                 y_t, _ = self.diffusion.q_sample(self.diffusion.encode(target), t)
-                logits_ds = self.ds(x, y_t, t)
-                parts["loss_d_sup"] = seg_loss(logits_ds[:n_l], y_l)
-                parts["loss_d_pseudo"] = seg_loss(logits_ds[n_l:], plab_cs)
+                logits_peer = self.ds(x, y_t, t)
                 peer_sup, peer_pseudo = "loss_d_sup", "loss_d_pseudo"
             else:  # a second CS in DS's place (the CS+CS ablation); its losses mirror DS's
                 assert self.cs_peer is not None
                 logits_peer = self.cs_peer(x)
-                pseudo_u = self.corrupt_pseudo(logits_peer[n_l:].detach().argmax(1, keepdim=True))
-                parts["loss_peer_sup"] = seg_loss(logits_peer[:n_l], y_l)
-                parts["loss_peer_pseudo"] = seg_loss(logits_peer[n_l:], plab_cs)
+                probs_peer = torch.softmax(logits_peer[n_l:].detach().float(), dim=1)
                 peer_sup, peer_pseudo = "loss_peer_sup", "loss_peer_pseudo"
-            parts["loss_c_pseudo"] = seg_loss(logits_cs[n_l:], pseudo_u)
+            conf_peer, pseudo_u = probs_peer.max(1, keepdim=True)
+            pseudo_u = self.corrupt_pseudo(pseudo_u)
+            peer_labels = logits_peer[n_l:].detach().argmax(1, keepdim=True)  # the peer's own guess
+            parts[peer_sup] = seg_loss(logits_peer[:n_l], y_l)
+            parts[peer_pseudo] = self.pseudo_loss(logits_peer[n_l:], plab_cs,
+                                                  self.pseudo_mask(conf_cs, plab_cs, peer_labels))
+            mask_c = self.pseudo_mask(conf_peer, pseudo_u, plab_cs)
+            parts["loss_c_pseudo"] = self.pseudo_loss(logits_cs[n_l:], pseudo_u, mask_c)
+            if mask_c is not None:
+                parts["pseudo_mask_ratio"] = mask_c.mean()
             loss = loss + parts[peer_sup] + mu1 * parts[peer_pseudo] + mu2 * parts["loss_c_pseudo"]
+            if o.contrast_anchors == "agree":  # unlabeled anchors only where the two networks agree
+                pseudo_u = torch.where(pseudo_u == plab_cs, pseudo_u, torch.full_like(pseudo_u, -1))
 
         self._pending_push = None
         if o.use_contrast:

@@ -24,6 +24,26 @@ def soft_dice_loss(probs: Tensor, target_onehot: Tensor, mask: Tensor | None = N
     return (1.0 - (2.0 * inter + eps) / (denom + eps)).mean()
 
 
+def _class_map(target: Tensor, logits: Tensor) -> Tensor:
+    """``(B, *spatial)`` long class map from a ``(B, 1, *spatial)`` or ``(B, *spatial)`` target."""
+    return (target[:, 0] if target.ndim == logits.ndim else target).long()
+
+
+def ce_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Cross-entropy, averaged over the voxels weighted by ``mask`` (all voxels without one).
+
+    Args:
+        logits: (B, C, *spatial).
+        target: (B, 1, *spatial) or (B, *spatial) integer class map.
+        mask: optional (B, 1, *spatial) per-voxel weights (e.g. a pseudo-label confidence mask).
+    """
+    ce_map = F.cross_entropy(logits.float(), _class_map(target, logits), reduction="none")  # fp32 under autocast
+    if mask is None:
+        return ce_map.mean()
+    w = mask[:, 0].float()
+    return (ce_map * w).sum() / w.sum().clamp_min(1.0)
+
+
 def seg_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """``0.5 * CE + 0.5 * Dice(softmax)``, the supervised loss of methods.md.
 
@@ -32,16 +52,8 @@ def seg_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tens
         target: (B, 1, *spatial) or (B, *spatial) integer class map.
         mask: optional (B, 1, *spatial) per-voxel weights (e.g. a pseudo-label confidence mask).
     """
-    if target.ndim == logits.ndim:
-        target = target[:, 0]
-    target = target.long()
+    target = _class_map(target, logits)
     logits = logits.float()  # losses in fp32 even under autocast
-    ce_map = F.cross_entropy(logits, target, reduction="none")
-    if mask is None:
-        ce = ce_map.mean()
-    else:
-        w = mask[:, 0].float()
-        ce = (ce_map * w).sum() / w.sum().clamp_min(1.0)
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
     dice = soft_dice_loss(torch.softmax(logits, dim=1), onehot, None if mask is None else mask.float())
-    return 0.5 * ce + 0.5 * dice
+    return 0.5 * ce_loss(logits, target, mask) + 0.5 * dice
