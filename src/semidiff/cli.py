@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a .ckpt file, a run folder (uses its best checkpoint), or a model "
                                       "exported by `semidiff export` (.pt TorchScript or .onnx)")
     p.add_argument("input", help="image file (NIfTI/NRRD/MHA/PNG/TIFF/h5) or folder")
-    p.add_argument("output", help="output file (single input) or folder")
+    p.add_argument("output", help="output file (single input) or folder: .nii.gz/.nii/.nrrd/.mha, .png/.tif, or .h5")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--intensity", default="auto", choices=["auto", "raw", "stored"],
+                   help="raw: a scan as acquired, normalised as the dataset's stored files were made (LA: z-score "
+                        "of the whole scan); stored: a file that already carries that normalisation (written from "
+                        "the dataset's h5); auto [default]: h5 files are stored ones, every other format is raw")
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> table and figure, in minutes")
     p.add_argument("--out", default="demo_output", help="folder for the data, runs and figure")
@@ -124,6 +128,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from semidiff.config import apply_overrides, config_from_dict
+    from semidiff.data.preprocessing import preprocessing_from_config
     from semidiff.engine.data import build_reader, build_splits
     from semidiff.engine.module import load_module
     from semidiff.evaluation.evaluate import evaluate
@@ -134,6 +139,12 @@ def cmd_eval(args) -> int:
     if args.overrides:
         cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), args.overrides), "checkpoint + overrides")
         module.method.override_eval_options(cfg.method.options)  # e.g. DDIM steps; weights stay as trained
+    # Eval feeds the model through the reader: it must still make the input the checkpoint recorded.
+    now = preprocessing_from_config(cfg)
+    if not now.same_transform(module.preprocessing):
+        raise SemidiffError(f"{ckpt}: the reader now makes model inputs differently from training "
+                            f"(recorded: {module.preprocessing.describe()}; now: {now.describe()}); "
+                            "leave data.reader_options, data.normalize and data.resample_factor as trained")
     reader = build_reader(cfg)
     split = args.split or cfg.data.val_split or "holdout"
     if split == "holdout" or (cfg.data.holdout_val is not None and split == cfg.data.val_split):
@@ -155,21 +166,17 @@ def cmd_eval(args) -> int:
 def cmd_predict(args) -> int:
     from semidiff.data.image_io import (
         SUPPORTED,
-        normalize,
-        read_image,
+        check_output,
+        output_geometry,
+        output_kind,
         suffix_of,
         write_prediction,
     )
+    from semidiff.data.preprocessing import read_model_input
     from semidiff.engine.module import load_module
     from semidiff.evaluation.evaluate import labels_from_probs, predict_image
     from semidiff.export import is_exported_file, load_exported
 
-    if is_exported_file(args.checkpoint):
-        exported = load_exported(args.checkpoint, device=args.device)
-        predict_fn, cfg = exported.predict, exported.cfg
-    else:
-        module = load_module(str(_resolve_checkpoint(args.checkpoint)), map_location=args.device)
-        predict_fn, cfg = module.method.predict, module.cfg
     src, dst = Path(args.input), Path(args.output)
     if src.is_dir():
         files = sorted(p for p in src.iterdir() if p.is_file() and suffix_of(p) in SUPPORTED)
@@ -178,31 +185,32 @@ def cmd_predict(args) -> int:
         pairs = [(f, dst / (f.name if suffix_of(f) not in (".jpg", ".jpeg") else f.stem + ".png")) for f in files]
     else:
         pairs = [(src, dst)]
-    channels = cfg.model.in_channels
-    if src.is_dir() and channels > 1:
+    for _, out in pairs:
+        output_kind(out)  # a format no prediction can be written to is refused before anything runs
+    if is_exported_file(args.checkpoint):
+        exported = load_exported(args.checkpoint, device=args.device)
+        predict_fn, cfg, prep = exported.predict, exported.cfg, exported.preprocessing
+    else:
+        module = load_module(str(_resolve_checkpoint(args.checkpoint)), map_location=args.device)
+        predict_fn, cfg, prep = module.method.predict, module.cfg, module.preprocessing
+    if src.is_dir() and prep.channels > 1:
         # nnU-Net naming: one file per channel, <case>_0000.<ext> ..., prediction <case>.<ext>.
         pairs = [(f, o.with_name(o.name.replace("_0000", "", 1))) for f, o in pairs if "_0000" in f.name]
     palette = _dataset_palette(cfg) if any(suffix_of(o) == ".png" for _, o in pairs) else None
     written: list[Path] = []
     try:
         for inp, out in pairs:
-            if channels > 1 and "_0000" in inp.name:
-                from semidiff.data.nnunet import read_case_channels
-
-                img = read_case_channels(inp, channels, cfg.data.volume_axes)
-            else:
-                img = read_image(inp, cfg.data.volume_axes, channels=channels)
-            if img.array.shape[0] != cfg.model.in_channels:
-                raise SemidiffError(f"{inp}: image has {img.array.shape[0]} channels, the model expects {cfg.model.in_channels}")
-            spatial = img.array.ndim - 1
-            if cfg.spatial_dims == 3 and spatial != 3:
-                raise SemidiffError(f"{inp}: a 3D model needs a 3D image, got {spatial}D of shape {img.array.shape[1:]}")
-            probs = predict_image(predict_fn, cfg, normalize(img.array, cfg.data.normalize), args.device)
+            # The one file-to-input transform training used, recorded in the checkpoint.
+            img, image, applied = read_model_input(inp, prep, args.intensity)
+            check_output(out, image.shape[1:])  # before predicting: a 3D volume cannot become a PNG
+            print(f"{inp}: {applied}")
+            probs = predict_image(predict_fn, cfg, image, args.device)
             label = labels_from_probs(cfg, probs)
             written.append(out)  # before writing: a half-written file is removed too
-            write_prediction(label, img, out, cfg.data.volume_axes, palette=palette)
+            write_prediction(label, img, out, prep.volume_axes, palette=palette)
             counts = {int(c): int((label == c).sum()) for c in range(cfg.model.num_classes)}
-            print(f"{inp} -> {out}  shape {label.shape}  voxels per class {counts}")
+            where = output_geometry(img, out)
+            print(f"{inp} -> {out}  shape {label.shape}  voxels per class {counts}" + (f"; {where}" if where else ""))
     except BaseException:
         # All or nothing: a bad input (or Ctrl-C) leaves no prediction of this call behind.
         for path in written:

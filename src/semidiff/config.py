@@ -58,8 +58,10 @@ class DataConfig(_Section):
     resample_factor: float = Field(default=1.0, gt=0, le=1.0)
     normalize: Literal["none", "minmax", "zscore"] = Field(
         default="none",
-        description="Intensity normalisation applied to raw images at predict time so they match "
-        "the training data (ACDC h5 is min-max scaled, LA h5 is z-scored).",
+        description="The normalisation the dataset's stored files carry (ACDC h5 min-max per volume, LA h5 "
+        "z-score of the whole scan before cropping), which `semidiff predict` applies to raw scans; readers "
+        "that normalise on load (nnunet, endoscapes, mosxav: reader_options.normalize) need 'none' or the "
+        "same value. See semidiff.data.preprocessing.",
     )
     volume_axes: Literal["zyx", "xyz"] = Field(
         default="zyx",

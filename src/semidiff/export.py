@@ -8,9 +8,9 @@ whose prediction is not one network's output (an ensemble, a sampler) are refuse
 The batch axis is dynamic; the spatial size is the training patch (``data.patch_size``), which is
 all the prediction path ever feeds the network: 2D images are resized to it, volumes go slice by
 slice or through windows of that size. Everything ``semidiff predict`` needs besides the weights
-(patch size, normalisation, axis order, class count, inference mode, resampling) travels inside the
-file: the run's full resolved config as the TorchScript extra file ``semidiff.json``, or as the
-ONNX metadata entry ``semidiff``.
+(patch size, the file-to-input preprocessing, class count, inference mode, resampling) travels inside
+the file: the run's full resolved config and its recorded preprocessing as the TorchScript extra file
+``semidiff.json``, or as the ONNX metadata entry ``semidiff``.
 
 Each file is checked right after it is written: the exported model and the PyTorch method are run
 on the same random batch, and the export fails (and its file is removed) when the largest absolute
@@ -34,6 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from semidiff.config import Config, config_from_dict
+from semidiff.data.preprocessing import (
+    DERIVED,
+    Preprocessing,
+    preprocessing_from_config,
+)
 from semidiff.errors import SemidiffError
 
 __all__ = [
@@ -94,7 +99,7 @@ def _output_paths(checkpoint: Path, formats: list[str], out: str | Path | None) 
     return {f: stem.with_name(stem.name + SUFFIX[f]) for f in formats}
 
 
-def _metadata(cfg: Config, checkpoint: Path, step: int, method: str) -> dict[str, Any]:
+def _metadata(cfg: Config, checkpoint: Path, step: int, method: str, preprocessing: Preprocessing) -> dict[str, Any]:
     return {
         "format_version": 1,
         "method": method,
@@ -104,6 +109,8 @@ def _metadata(cfg: Config, checkpoint: Path, step: int, method: str) -> dict[str
                   "dtype": "float32", "batch": "dynamic"},
         "output": f"softmax probabilities (N, {cfg.model.num_classes}, *spatial_size)",
         "config": cfg.model_dump(mode="json"),
+        # From a file on disk to the "input" above, as training made it (semidiff.data.preprocessing).
+        "preprocessing": preprocessing.to_dict(),
     }
 
 
@@ -293,7 +300,8 @@ def export_checkpoint(
         _import_onnx()  # fail before writing anything
     method.eval()
     head = ProbabilityNet(net).eval()
-    metadata = _metadata(cfg, checkpoint, getattr(module, "checkpoint_step", -1), cfg.method.name)
+    metadata = _metadata(cfg, checkpoint, getattr(module, "checkpoint_step", -1), cfg.method.name,
+                         module.preprocessing)
     paths = _output_paths(checkpoint, wanted, out)
     example = _random_batch(cfg, 2, seed=0)
     # A batch size other than the traced one checks that the batch axis really is dynamic.
@@ -341,6 +349,10 @@ class ExportedModel:
         cfg.train.precision = "32"
         self.cfg = cfg
         self.spatial_size = tuple(cfg.data.patch_size)
+        recorded = metadata.get("preprocessing")
+        # Files exported before preprocessing was recorded: derived from their config, as training did.
+        self.preprocessing = (Preprocessing.from_dict(recorded) if recorded is not None
+                              else preprocessing_from_config(cfg, origin=DERIVED))
 
     def probabilities(self, image: Tensor) -> Tensor:
         """Class probabilities for images ``(N, C, *patch)`` (on the caller's device)."""

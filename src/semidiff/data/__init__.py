@@ -79,6 +79,7 @@ def _preset(layout: dict, name: str):
         return H5CaseListReader(root, **{**layout, "name": name, **kwargs})
 
     make.__name__ = f"{name}_reader"
+    make.declared_preprocessing = lambda options: H5CaseListReader.declared_preprocessing({**layout, **options})
     return make
 
 

@@ -19,6 +19,7 @@ every item is its video, so frames of one video never cross splits.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -154,6 +155,12 @@ class EndoscapesReader:
 
     def __repr__(self) -> str:
         return f"EndoscapesReader(root={str(self.root)!r}, labeled_videos={self.labeled_videos!r})"
+
+    @classmethod
+    def declared_preprocessing(cls, options: dict) -> dict:
+        """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
+        default = inspect.signature(cls.__init__).parameters["normalize"].default
+        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": None}  # 2D frames
 
     # -- video lists and frame index -------------------------------------------------------
     def splits(self) -> list[str]:

@@ -69,6 +69,11 @@ class ACDCReader:
     def __repr__(self) -> str:
         return f"ACDCReader(root={str(self.root)!r})"
 
+    @staticmethod
+    def declared_preprocessing(options: dict) -> dict:
+        """SSL4MIS min-max scaled each volume (slices share its scale); arrays in SimpleITK's order."""
+        return {"on_load": "none", "stored": "minmax", "volume_axes": "zyx"}
+
     def splits(self) -> list[str]:
         """Split names whose list file exists (of ``train``, ``val``, ``test``)."""
         return [s for s, (f, _) in _SPLITS.items() if (self.root / f).is_file()]

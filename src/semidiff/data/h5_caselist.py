@@ -27,10 +27,13 @@ __all__ = [
 ]
 
 # Keyword presets for the literature's 3D h5 layouts (pass as ``H5CaseListReader(root, **preset)``).
+# LA: UA-MT z-scored each whole NRRD scan, then cropped around the atrium (data/prepare.py does the same;
+# benchmarks/results/predict_preprocessing.md measures it on a stored case).
 LA_LAYOUT: dict = {
     "num_classes": 2,
     "path_pattern": "2018LA_Seg_Training Set/{id}/mri_norm2.h5",
     "lists": {"train": "train.list", "val": "val.list", "test": "test.list"},
+    "stored_normalize": "zscore",
 }
 PANCREAS_LAYOUT: dict = {
     "num_classes": 2,
@@ -236,6 +239,7 @@ class H5CaseListReader:
         label_key: str | None = "label",
         spatial_dims: int = 3,
         name: str | None = None,
+        stored_normalize: str | None = None,
     ) -> None:
         """Create a reader; checks only that the root folder exists.
 
@@ -249,6 +253,9 @@ class H5CaseListReader:
             label_key: HDF5 dataset name of the label (None: unlabeled cases).
             spatial_dims: 2 or 3.
             name: overrides :attr:`name` (used by the synthetic dataset).
+            stored_normalize: the normalisation the files already carry (``"zscore"``, ``"minmax"``,
+                ``"none"``), which ``semidiff predict`` applies to raw scans; None leaves it to the
+                config's ``data.normalize``. The reader itself applies nothing.
 
         Raises:
             DataError: the root folder is missing.
@@ -271,6 +278,9 @@ class H5CaseListReader:
             "val": "val.list",
             "test": "test.list",
         }
+        if stored_normalize not in (None, "none", "minmax", "zscore"):
+            raise ConfigError(f"stored_normalize must be none, minmax or zscore, got {stored_normalize!r}")
+        self.stored_normalize = stored_normalize
         self.image_key = image_key
         self.label_key = label_key
         if name is not None:
@@ -278,6 +288,11 @@ class H5CaseListReader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, root={str(self.root)!r})"
+
+    @staticmethod
+    def declared_preprocessing(options: dict) -> dict:
+        """The files hold images normalised when they were made: nothing is applied on load."""
+        return {"on_load": "none", "stored": options.get("stored_normalize"), "volume_axes": None}
 
     def splits(self) -> list[str]:
         """Split names whose list file exists, in the order of :attr:`lists`."""

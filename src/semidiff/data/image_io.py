@@ -151,7 +151,11 @@ def read_image(path: str | Path, volume_axes: str = "zyx", channels: int | None 
                 if data.dtype.kind not in "fiub":
                     raise DataError(path, f"image has non-numeric dtype {data.dtype}")
                 arr = np.asarray(data, dtype=np.float32)[None]
-            out = LoadedImage(arr, path, "h5")
+                spacing = f.attrs.get("spacing")  # array order, as `semidiff data prepare` writes it
+                spacing = tuple(float(v) for v in np.ravel(spacing)) if spacing is not None else None
+                if spacing is not None and len(spacing) != arr.ndim - 1:
+                    spacing = None
+            out = LoadedImage(arr, path, "h5", spacing=spacing)
         else:
             raise DataError(path, f"unsupported file type {suffix!r}; supported: {', '.join(SUPPORTED)}")
     except DataError:
@@ -220,43 +224,99 @@ def read_label_png(path: str | Path) -> tuple[np.ndarray, list[int] | None]:
     return np.asarray(arr), None
 
 
-def write_prediction(label: np.ndarray, source: LoadedImage, out_path: str | Path, volume_axes: str = "zyx",
-                     palette: list[int] | None = None) -> Path:
-    """Write a label map next to its source's geometry (ITK) or as an 8-bit PNG / h5.
+#: Output formats of predictions (JPEG is lossy: it would change class ids).
+OUTPUT_SUFFIXES = ITK_SUFFIXES + (".png", ".tif", ".tiff", ".bmp") + H5_SUFFIXES
 
-    ``palette`` (flat ``[r, g, b, ...]``) makes a 2D PNG a palette PNG, as the dataset's own masks
-    are (MOSXAV); without it the PNG holds the class ids as grey values.
+
+def output_kind(out_path: str | Path) -> str:
+    """``"itk"``, ``"pil"`` or ``"h5"``: how a prediction is written to ``out_path``, by its suffix.
+
+    Raises:
+        DataError: a suffix no prediction can be written to (JPEG, unknown), naming the file.
     """
     out_path = Path(out_path)
+    suffix = suffix_of(out_path)
+    if suffix in (".jpg", ".jpeg"):
+        raise DataError(out_path, "JPEG is lossy and would change class ids; write predictions as .png")
+    if suffix not in OUTPUT_SUFFIXES:
+        raise DataError(out_path, f"cannot write a prediction as {suffix or 'a file without suffix'!r}; "
+                                  f"supported: {', '.join(OUTPUT_SUFFIXES)}")
+    return "itk" if suffix in ITK_SUFFIXES else "h5" if suffix in H5_SUFFIXES else "pil"
+
+
+def check_output(out_path: str | Path, spatial_shape: tuple[int, ...]) -> str:
+    """Refuse, before predicting, an output format that cannot hold a prediction of this shape.
+
+    Raises:
+        DataError: a 3D prediction (more than one slice) for a 2D image format, or a bad suffix.
+    """
+    kind = output_kind(out_path)
+    if kind == "pil" and len(spatial_shape) == 3 and spatial_shape[0] != 1:
+        raise DataError(out_path, f"a 3D prediction of shape {tuple(spatial_shape)} cannot be written as "
+                                  f"{suffix_of(Path(out_path))}; use .nii.gz, .nrrd, .mha or .h5")
+    return kind
+
+
+def output_geometry(source: LoadedImage, out_path: str | Path) -> str:
+    """Where the geometry of a NIfTI/NRRD/MHA prediction comes from (printed by ``semidiff predict``)."""
+    if output_kind(out_path) != "itk":
+        return ""
+    if source.kind == "itk":
+        return "geometry (spacing, origin, direction) from the input"
+    if source.spacing:
+        return "spacing from the input's h5 'spacing'; origin 0 and identity direction (stated default)"
+    return "no geometry in the input: spacing 1, origin 0, identity direction (stated default)"
+
+
+def write_prediction(label: np.ndarray, source: LoadedImage, out_path: str | Path, volume_axes: str = "zyx",
+                     palette: list[int] | None = None) -> Path:
+    """Write a label map in the format of ``out_path``'s suffix (:func:`output_kind`).
+
+    NIfTI/NRRD/MHA get the source's geometry when it has one (an ITK file of the same dimension),
+    else the h5 ``spacing`` where stored, else spacing 1, origin 0 and identity direction; 3D arrays
+    in ``volume_axes`` order are written back in SimpleITK's. PNG/TIFF/BMP hold 2D class ids, as a
+    palette image with ``palette`` (flat ``[r, g, b, ...]``, as the dataset's own masks, MOSXAV);
+    h5 holds ``label`` (and ``spacing`` when known).
+
+    Raises:
+        DataError: an output format that cannot hold this prediction (see :func:`check_output`).
+    """
+    out_path = Path(out_path)
+    kind = check_output(out_path, label.shape)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     label = label.astype(np.uint8)
     # Written under a temporary name (same suffix, so the same writer) and renamed when complete:
     # an interrupted write never leaves a truncated prediction under the final name.
     tmp = out_path.with_name(f".tmp-{out_path.name}")
-    if source.kind == "itk":
+    xyz = label.ndim == 3 and volume_axes == "xyz"
+    if kind == "itk":
         import SimpleITK as sitk
 
-        arr = label.transpose(2, 1, 0) if (label.ndim == 3 and volume_axes == "xyz") else label
-        img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+        img = sitk.GetImageFromArray(np.ascontiguousarray(label.transpose(2, 1, 0) if xyz else label))
         ref = source.reference
-        if ref.GetDimension() == img.GetDimension():
+        if ref is not None and ref.GetDimension() == img.GetDimension():
             img.SetSpacing(ref.GetSpacing())
             img.SetOrigin(ref.GetOrigin())
             img.SetDirection(ref.GetDirection())
+        elif source.spacing and len(source.spacing) == label.ndim:
+            # Array-order spacing; SimpleITK's is (x, y, z), the reverse of its (z, y, x) arrays.
+            img.SetSpacing(tuple(source.spacing) if xyz else tuple(source.spacing)[::-1])
         sitk.WriteImage(img, str(tmp), useCompression=True)
-    elif suffix_of(out_path) in H5_SUFFIXES:
+    elif kind == "h5":
         import h5py
 
         with h5py.File(tmp, "w") as f:
             f.create_dataset("label", data=label, compression="gzip")
+            if source.spacing and len(source.spacing) == label.ndim:
+                f.attrs["spacing"] = np.asarray(source.spacing, dtype=np.float64)
     else:
         from PIL import Image
 
         img = Image.fromarray(label if label.ndim == 2 else label[0])
-        if palette:
+        if palette and suffix_of(out_path) == ".png":
             # putpalette turns the grey image into a palette image without touching the ids.
             # Padded to 256 entries: Pillow remaps ids beyond a short palette when it saves.
             img.putpalette((list(palette) + [0] * 768)[:768])
-        img.save(tmp)
+        img.save(tmp, format=Image.registered_extensions()[suffix_of(out_path)])
     os.replace(tmp, out_path)
     return out_path

@@ -17,6 +17,7 @@ set of sequences, never of frames.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,12 @@ class MosxavReader:
 
     def __repr__(self) -> str:
         return f"MosxavReader(root={str(self.root)!r})"
+
+    @classmethod
+    def declared_preprocessing(cls, options: dict) -> dict:
+        """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
+        default = inspect.signature(cls.__init__).parameters["normalize"].default
+        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": None}  # 2D frames
 
     @property
     def palette(self) -> list[int]:

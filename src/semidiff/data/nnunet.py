@@ -16,6 +16,7 @@ spacing, origin and direction, which :attr:`Case.meta` carries for writing predi
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -205,6 +206,12 @@ class NnUNetReader:
 
     def __repr__(self) -> str:
         return f"NnUNetReader(root={str(self.root)!r}, {self.spatial_dims}D, {len(self.channel_names)} channels)"
+
+    @classmethod
+    def declared_preprocessing(cls, options: dict) -> dict:
+        """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
+        default = inspect.signature(cls.__init__).parameters["normalize"].default
+        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": "zyx"}  # read by SimpleITK
 
     @property
     def in_channels(self) -> int:

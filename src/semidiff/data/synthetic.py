@@ -327,3 +327,11 @@ def open_synthetic(root: str | Path, **overrides) -> H5CaseListReader:
     kwargs.update(overrides)
     kwargs.setdefault("name", "synthetic")
     return H5CaseListReader(root, **kwargs)
+
+
+def _synthetic_preprocessing(options: dict) -> dict:
+    # synthetic_case z-scores every whole image before it is written.
+    return H5CaseListReader.declared_preprocessing({"stored_normalize": "zscore", **options})
+
+
+open_synthetic.declared_preprocessing = _synthetic_preprocessing

@@ -12,6 +12,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from semidiff.config import Config, config_from_dict
+from semidiff.data.preprocessing import (
+    DERIVED,
+    Preprocessing,
+    preprocessing_from_config,
+)
 from semidiff.errors import SemidiffError
 from semidiff.evaluation.evaluate import labels_from_probs, overlay_row, predict_image
 from semidiff.evaluation.figures import overlay_figure_tensor
@@ -51,11 +56,16 @@ def lr_factor(cfg: Config, step: int) -> float:
 
 
 class SemidiffModule(L.LightningModule):
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], preprocessing: dict[str, Any] | None = None):
         super().__init__()
-        # The full resolved config travels in every checkpoint: eval/predict read it from there.
-        self.save_hyperparameters({"config": config})
-        self.cfg = config_from_dict(config, "checkpoint config")
+        cfg = config_from_dict(config, "checkpoint config")
+        # A checkpoint from before preprocessing was recorded: derive it the way its training did.
+        self.preprocessing = (Preprocessing.from_dict(preprocessing) if preprocessing is not None
+                              else preprocessing_from_config(cfg, origin=DERIVED))
+        # The full resolved config and the file-to-input preprocessing travel in every checkpoint:
+        # eval/predict/export read them from there.
+        self.save_hyperparameters({"config": config, "preprocessing": self.preprocessing.to_dict()})
+        self.cfg = cfg
         self.method = build_method(self.cfg)
         self._val_records: list[dict] = []
         self._val_images: list[tuple] = []
@@ -285,7 +295,7 @@ def load_module(checkpoint: str, map_location: str | torch.device = "cpu") -> Se
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if config is None:
         raise SemidiffError(f"{path}: checkpoint has no semidiff config (not written by semidiff train?)")
-    module = SemidiffModule(config)
+    module = SemidiffModule(config, preprocessing=ckpt["hyper_parameters"].get("preprocessing"))
     module.load_state_dict(ckpt["state_dict"])
     module.eval()
     module.checkpoint_step = int(ckpt.get("global_step", -1))

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from semidiff.config import Config
+from semidiff.data.preprocessing import preprocessing_from_config
 from semidiff.data.record import check_label_values
 from semidiff.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from semidiff.engine.data import SemidiffData
@@ -122,7 +123,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
 
     threads.update()  # before the model and data are built (preflight loads every case)
     L.seed_everything(cfg.experiment.seed, workers=True, verbose=False)
-    module = SemidiffModule(cfg.model_dump(mode="json"))
+    # The file-to-input preprocessing, checked against the reader (a contradicting data.normalize fails
+    # here) and recorded in every checkpoint for eval, predict and export.
+    prep = preprocessing_from_config(cfg, strict=True)
+    module = SemidiffModule(cfg.model_dump(mode="json"), preprocessing=prep.to_dict())
     data = SemidiffData(cfg, uses_unlabeled=module.method.uses_unlabeled)
     # Config and data problems surface here, before anything is written: no half-made run folder.
     preflight_data(data)
@@ -206,15 +210,28 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
     results = {}
     if has_val:
         device = module.device
+        best = checkpoint_path(run_dir, "best")
+        best_state = torch.load(best, map_location=device, weights_only=False) if best.is_file() else None
+        # The best checkpoint is often the last one (its validation was the best so far): then one
+        # evaluation serves both, and both summaries say so.
+        same = best_state is not None and _same_weights(best_state["state_dict"], module.state_dict())
         for which in ("last", "best"):
-            path = checkpoint_path(run_dir, "final" if which == "last" else "best")
-            if not path.is_file():
+            if which == "best" and (best_state is None or same):
                 continue
             if which == "best":
-                module.load_state_dict(torch.load(path, map_location=device, weights_only=False)["state_dict"])
-            log(f"evaluating the {which} checkpoint on {cfg.data.val_split or 'held-out'} cases")
+                module.load_state_dict(best_state["state_dict"])
+            label = f"last = best (step {steps_done}; evaluated once)" if same else which
+            log(f"evaluating the {label} checkpoint on {cfg.data.val_split or 'held-out'} cases")
             res = evaluate(module.method, cfg, data.reader, data.splits.val, run_dir / f"eval_val_{which}",
-                           split=cfg.data.val_split or "holdout", checkpoint=which, device=device, log=log)
+                           split=cfg.data.val_split or "holdout", checkpoint=label, device=device, log=log)
             results[which] = res
             log(res["table"])
+        if same:
+            shutil.copytree(run_dir / "eval_val_last", run_dir / "eval_val_best", dirs_exist_ok=True)
+            results["best"] = results["last"]
     return results
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    """Whether two state dicts hold identical tensors (best checkpoint = final weights)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)

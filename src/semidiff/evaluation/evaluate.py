@@ -150,11 +150,12 @@ def cpu_model() -> str:
 @torch.no_grad()
 def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str, checkpoint: str,
              device: torch.device | str = "cpu", log: Callable[[str], None] = print,
-             output: str | None = None) -> dict:
+             output: str | None = None, on_prediction: Callable | None = None) -> dict:
     """Predict every case of ``refs``, compute metrics, write CSV/JSON/figure; return the summary.
 
     ``output`` names one of ``method.outputs`` (e.g. Diff-CL's ``cs``, ``ds``, ``mean``); None uses
-    the method's default output.
+    the method's default output. ``on_prediction(case, labels)``, when given, sees every case's
+    predicted labels (``semidiff predict`` is checked against them voxel for voxel).
     """
     predict = method.predictor(output)
     output_name = output or method.default_output
@@ -169,6 +170,8 @@ def evaluate(method, cfg: Config, reader, refs, out_dir: str | Path, split: str,
         t0 = time.perf_counter()
         probs = predict_image(predict, cfg, case.image, device)
         pred = labels_from_probs(cfg, probs)
+        if on_prediction is not None:
+            on_prediction(case, pred)
         spacing = case.spacing if cfg.eval.units == "mm" else None
         if cfg.eval.units == "mm" and spacing is None:
             from semidiff.errors import ConfigError
