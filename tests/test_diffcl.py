@@ -525,3 +525,60 @@ def test_contrastive_loss_and_gradient_match_the_pairwise_definition_on_a_partly
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(grad_got, grad_want)
     assert torch.isfinite(grad_got).all() and grad_got[classes == 3].abs().sum() == 0
+
+
+# ---- how a weak peer may teach (issue 23) ------------------------------------------------------
+def test_pseudo_mask_keeps_confident_and_agreeing_voxels():
+    conf = torch.tensor([0.95, 0.5, 0.99, 0.91]).view(1, 1, 2, 2)
+    teacher = torch.tensor([1, 1, 2, 0]).view(1, 1, 2, 2)
+    student = torch.tensor([1, 1, 0, 0]).view(1, 1, 2, 2)
+    masks = {kind: _method(2, pseudo_mask=kind).pseudo_mask(conf, teacher, student)
+             for kind in ("none", "confidence", "agreement", "both")}
+    assert masks["none"] is None
+    assert masks["confidence"].flatten().tolist() == [1, 0, 1, 1]
+    assert masks["agreement"].flatten().tolist() == [1, 1, 0, 1]
+    assert masks["both"].flatten().tolist() == [1, 0, 0, 1]
+
+
+def test_pseudo_loss_counts_only_masked_voxels_and_ce_drops_the_dice_term():
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(2, 3, 8, 8, generator=g), torch.randint(0, 3, (2, 1, 8, 8), generator=g)
+    mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    ce = _method(2, pseudo_loss="ce")
+    garbage = torch.where(mask.bool(), labels, (labels + 1) % 3)  # other labels where the mask is 0
+    torch.testing.assert_close(ce.pseudo_loss(logits, labels, mask), ce.pseudo_loss(logits, garbage, mask))
+    keep = mask[:, 0].bool()
+    expected = F.cross_entropy(logits.movedim(1, -1)[keep], labels[:, 0][keep])
+    torch.testing.assert_close(ce.pseudo_loss(logits, labels, mask), expected)
+    seg = _method(2)
+    assert seg.pseudo_loss(logits, labels, None) > 0.5 * ce.pseudo_loss(logits, labels, None)  # + Dice term
+
+
+@pytest.mark.parametrize("kind", ["confidence", "agreement", "both"])
+def test_masked_training_step_logs_the_kept_share_and_steps(kind):
+    method = _method(2, pseudo_mask=kind, pseudo_loss="ce", contrast_anchors="agree", ds_sample_mode="eval")
+    labeled, unlabeled = _batch(2)
+    parts = method.training_step(labeled, unlabeled, Progress(3, 10))
+    assert set(parts) == FULL_PARTS | {"pseudo_mask_ratio"}
+    assert 0 <= parts["pseudo_mask_ratio"] <= 1
+    assert all(torch.isfinite(v).all() for v in parts.values())
+    parts["loss"].backward()
+
+
+def test_eval_mode_sampling_switches_dropout_off_and_restores_train_mode():
+    method = _method(2)
+    method.train()
+    x = torch.randn(2, 1, 32, 32)
+    eval_a = method.sample_ds(x, 2, torch.Generator().manual_seed(0), eval_mode=True)
+    assert method.ds.training
+    eval_b = method.sample_ds(x, 2, torch.Generator().manual_seed(0), eval_mode=True)
+    torch.testing.assert_close(eval_a, eval_b)  # no dropout: the same noise gives the same sample
+    method.eval()
+    torch.testing.assert_close(method.sample_ds(x, 2, torch.Generator().manual_seed(0)), eval_a)
+    assert not method.ds.training
+
+
+def test_balanced_sampling_leaves_out_voxels_marked_minus_one():
+    classes = torch.tensor([0] * 50 + [-1] * 50 + [1] * 50)
+    idx = sample_balanced(classes, 40, 2)
+    assert len(idx) == 40 and (classes[idx] >= 0).all()
