@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Before/after seconds per step of every method's ACDC reduced config, side by side on one machine:
+# for each method, alternately `benchmarks/step_time.py` of an older checkout (BEFORE, e.g. a
+# `git worktree add ../base 2b81749`) and of this one, REPS times (A B A B), THREADS torch threads
+# pinned to the first THREADS cores. Prints one line per measurement.
+#   bash benchmarks/step_time_ab.sh ../base [REPS=2] [THREADS=2]
+set -u
+before=$(cd "$1" && pwd); reps=${2:-2}; threads=${3:-2}
+here=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-$here/.venv/bin/python}
+cores=$(seq -s, 0 $((threads - 1)))
+export OMP_NUM_THREADS=$threads SEMIDIFF_REALDATA=${SEMIDIFF_REALDATA:-$(cd "$here/.." && pwd)/shared/realdata}
+steps() { # checkout config overrides...: prints "precision s/step"
+  local src=$1; shift
+  (cd "$src" && PYTHONPATH="$src/src" taskset -c "$cores" "$py" benchmarks/step_time.py "$@" --steps 6 2>/dev/null \
+    | tail -1 | awk -F'|' '{gsub(/ /, "", $7); gsub(/ /, "", $8); print $7, $8}')
+}
+for rep in $(seq "$reps"); do
+  for m in supervised mean_teacher ua_mt cps bcp diffcl protodiff; do
+    extra=()  # the step the method spends most of its run in: after pre-training / warm-up
+    [ "$m" = bcp ] && extra=(method.options.pretrain_steps=0)
+    [ "$m" = protodiff ] && extra=(method.options.warmup=0)
+    echo "$rep $m before $(steps "$before" "configs/acdc/${m}_reduced.yaml" "${extra[@]}") after $(steps "$here" "configs/acdc/${m}_reduced.yaml" "${extra[@]}")"
+  done
+done
