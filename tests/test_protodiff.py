@@ -424,7 +424,7 @@ def test_options_and_network_errors_are_clear():
 
 
 # ---- configs and engine --------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["acdc/protodiff_reduced", "acdc/protodiff_full",
+@pytest.mark.parametrize("path", ["acdc/protodiff_reduced", "acdc/protodiff_unet_reduced", "acdc/protodiff_full",
                                   "la/protodiff_reduced", "la/protodiff_full"])
 def test_configs_build_the_method(path):
     cfg = load_config(REPO / "configs" / f"{path}.yaml", [])
@@ -463,3 +463,52 @@ def test_engine_runs_protodiff(tmp_path: Path):
     assert results["last"]["protocol"]["prediction_options"] == {"sampling_steps": 3, "sample_seed": 0}
     method = create_method("protodiff", NetSpec("protodiff_net", 1, 4, 2, dict(SMALL)), {})
     assert method.prediction_options("ddim_s1")["sampling_steps"] == 1
+
+
+# ---- ProtoDiff on the shared backbone (issue 23) -------------------------------------------------
+SHARED = {"backbone_options": {"features": [4, 8, 8, 16, 16]}, "time_embed_dim": 16}
+
+
+def test_shared_backbone_net_starts_as_the_plain_backbone_and_reads_the_latent_once_trained():
+    from semidiff.nets.protodiff_unet import ProtoDiffUNet
+
+    net = create_net("protodiff_unet", 1, 3, spatial_dims=2, label_scale=1.0, **SHARED)
+    assert isinstance(net, ProtoDiffUNet) and type(net.backbone).__name__ == "UNet2D"
+    net.eval()
+    image, label = torch.rand(2, 1, 30, 42), torch.randint(0, 3, (2, 1, 30, 42))
+    encoded = net.encode(image)
+    assert net.embed(label).shape == (2, net.embed_dim, *net.latent_shape((30, 42))) == (2, 8, 8, 12)
+    t = torch.tensor([5, 500])
+    logits, h = net.decode(encoded, net.embed(label), t)
+    assert logits.shape == (2, 3, 30, 42) and h.shape == (2, net.feature_channels, 30, 42)
+    # Zero-initialised injection: exactly the backbone's segmentation, whatever the latent.
+    torch.testing.assert_close(logits, net.backbone(image))
+    # Once the injection has weights, the latent and the timestep change the output.
+    torch.nn.init.normal_(net.fuse.weight, std=0.1)
+    torch.nn.init.normal_(net.time_proj.weight, std=0.1)
+    other = net.decode(encoded, net.embed((label + 1) % 3), t)[0]
+    later = net.decode(encoded, net.embed(label), torch.tensor([900, 900]))[0]
+    base = net.decode(encoded, net.embed(label), t)[0]
+    assert (other - base).abs().max() > 1e-4 and (later - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_protodiff_trains_on_the_shared_backbone(dims):
+    options = SHARED if dims == 2 else {"backbone_options": {"n_filters": 4}, "time_embed_dim": 16}
+    method = create_method("protodiff", NetSpec("protodiff_unet", 1, 3, dims, options), {"warmup": 0})
+    labeled, unlabeled = _batch(dims)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        parts = method.training_step(labeled, unlabeled, Progress(step, 10))
+        assert set(parts) == PARTS and all(torch.isfinite(v).all() for v in parts.values())
+        parts["loss"].backward()
+        # The latent reaches the loss: the zero-initialised injection learns at once, and from the
+        # second step on (injection weights no longer zero) the label embedding learns too.
+        assert method.student.fuse.weight.grad.abs().sum() > 0
+        opt.step()
+        method.on_step_end(Progress(step + 1, 10))
+    assert method.student.label_embedding.weight.grad.abs().sum() > 0
+    probs = method.predict(labeled["image"])
+    assert probs.shape == (2, 3, *labeled["image"].shape[2:])
+    torch.testing.assert_close(probs.sum(1), torch.ones_like(probs[:, 0]))

@@ -77,8 +77,11 @@ __all__ = [
     "update_prototypes",
 ]
 
-#: The network this method builds (``model.net``); ``model.net_options`` go to its factory.
-NET_NAME = "protodiff_net"
+#: The networks this method builds (``model.net``); ``model.net_options`` go to its factory.
+#: ``protodiff_net``: its own encoder and time-conditioned decoder (after DDP); ``protodiff_unet``:
+#: the shared backbone of the other methods with the label latent at one skip.
+NET_NAMES = ("protodiff_net", "protodiff_unet")
+NET_NAME = NET_NAMES[0]
 #: Network options the method sets itself (from the patch size and from its own options).
 _RESERVED_NET_OPTIONS = ("spatial_dims", "label_scale")
 
@@ -364,9 +367,11 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
 class ProtoDiff(Method):
     """Latent label diffusion + EMA teacher + prototype contrastive consistency (module docstring).
 
-    Builds its own network: ``model.net`` must be ``protodiff_net`` and ``model.net_options`` are
-    that network's options (:class:`~semidiff.nets.protodiff_net.ProtoDiffNet`), except
-    ``spatial_dims`` (from the patch size) and ``label_scale`` (the method option).
+    Builds its own network: ``model.net`` is ``protodiff_net`` or ``protodiff_unet``
+    (:data:`NET_NAMES`), and ``model.net_options`` are that network's options
+    (:class:`~semidiff.nets.protodiff_net.ProtoDiffNet`,
+    :class:`~semidiff.nets.protodiff_unet.ProtoDiffUNet`), except ``spatial_dims`` (from the
+    patch size) and ``label_scale`` (the method option).
 
     Buffers (saved in checkpoints): ``prototypes`` (C, D) and ``prototype_ready`` (C,).
     """
@@ -381,15 +386,15 @@ class ProtoDiff(Method):
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__(net, options)
         o = self.options
-        if net.name != NET_NAME:
-            raise ConfigError(f"model.net: method 'protodiff' builds its own network; set it to {NET_NAME!r} "
-                              f"(got {net.name!r})")
+        if net.name not in NET_NAMES:
+            raise ConfigError(f"model.net: method 'protodiff' builds its own network; set it to one of "
+                              f"{', '.join(NET_NAMES)} (got {net.name!r})")
         reserved = sorted(set(net.options) & set(_RESERVED_NET_OPTIONS))
         if reserved:
             raise ConfigError(f"model.net_options: {', '.join(reserved)} set by method 'protodiff' "
                               "(spatial_dims from data.patch_size, label_scale from method.options); remove it")
         self.student: ProtoDiffNet = create_net(  # type: ignore[assignment]
-            NET_NAME, net.in_channels, net.num_classes, spatial_dims=net.spatial_dims,
+            net.name, net.in_channels, net.num_classes, spatial_dims=net.spatial_dims,
             label_scale=o.label_scale, **net.options,
         )
         self.teacher: ProtoDiffNet = make_ema_copy(self.student)  # type: ignore[assignment]

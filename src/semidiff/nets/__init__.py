@@ -7,6 +7,7 @@ Importing this package registers every network, so ``create_net("vnet", 1, 2)`` 
 from __future__ import annotations
 
 from semidiff.nets import protodiff_net as _protodiff_net  # noqa: F401  (registers "protodiff_net")
+from semidiff.nets import protodiff_unet as _protodiff_unet  # noqa: F401  (registers "protodiff_unet")
 
 # Imported for their registration side effect.
 from semidiff.nets import unet2d as _unet2d  # noqa: F401  (registers "unet2d")
