@@ -1,4 +1,4 @@
-"""The ``semidiff`` command: train | eval | predict | demo | data inspect | data synth | list.
+"""The ``semidiff`` command: plan | train | eval | predict | demo | data inspect | data synth | list.
 
 Every user-facing error (bad config key, missing or corrupt file, bad label values) is printed
 as one line naming the file or key, with exit code 2; a bug still shows its traceback.
@@ -7,6 +7,7 @@ as one line naming the file or key, with exit code 2; a bug still shows its trac
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -18,13 +19,31 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. train.max_steps=2000 data.labeled=7")
 
 
+def _add_plan_options(p: argparse.ArgumentParser, dataset_only: bool = False) -> None:
+    only = " (with a dataset folder)" if dataset_only else ""
+    p.add_argument("--method", default=None,
+                   help=f"method{only} (default: mean_teacher with unlabeled images, else supervised)")
+    p.add_argument("--budget", default=None, choices=["reduced", "full"],
+                   help=f"reduced [default]: 2 CPU cores; full: the literature's GPU budget{only}")
+    p.add_argument("--colour-to-grey", action="store_true",
+                   help=f"a dataset declaring one channel: convert colour images to grey instead of refusing them{only}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semidiff", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a run from a YAML config (or continue a run folder)")
-    p.add_argument("config", help="YAML config, or a run folder to continue")
+    p = sub.add_parser("plan", help="measure an nnU-Net-layout dataset and write a complete, commented config")
+    p.add_argument("dataset", help="dataset folder (dataset.json, imagesTr/, labelsTr/, imagesUnlabeled/)")
+    _add_plan_options(p)
+    p.add_argument("-o", "--output", default=None,
+                   help="config file to write (default: <dataset>_<method>_<budget>.yaml here)")
+
+    p = sub.add_parser("train", help="train a run from a YAML config, a dataset folder (planned on the fly) "
+                                     "or continue a run folder")
+    p.add_argument("config", help="YAML config, an nnU-Net-layout dataset folder, or a run folder to continue")
     _add_overrides(p)
+    _add_plan_options(p, dataset_only=True)
     p.add_argument("--resume", "--c", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
 
@@ -109,15 +128,49 @@ def _resolve_checkpoint(target: str, which: str = "best") -> Path:
     return path
 
 
+def _is_dataset(path: Path) -> bool:
+    return (path / "dataset.json").is_file() and (path / "imagesTr").is_dir()
+
+
+def cmd_plan(args) -> int:
+    from semidiff.config import config_from_dict
+    from semidiff.plan import plan_dataset, render_config
+
+    root = Path(args.dataset)
+    if not _is_dataset(root):
+        raise SemidiffError(f"{root}: not an nnU-Net-layout dataset (needs dataset.json and imagesTr/)")
+    plan = plan_dataset(root, args.method, args.budget or "reduced", args.colour_to_grey)
+    config_from_dict(plan.tree, "planned config")  # what is written always loads
+    out = Path(args.output or f"{plan.tree['experiment']['name']}.yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_config(plan))
+    print(plan.format())
+    print(f"wrote {out}; train with: semidiff train {out}")
+    return 0
+
+
 def cmd_train(args) -> int:
-    from semidiff.config import load_config
+    from semidiff.config import apply_overrides, config_from_dict, load_config
     from semidiff.engine.train import train
 
     target = Path(args.config)
     resume = args.resume
+    planned = target.is_dir() and not (target / "config.yaml").is_file() and _is_dataset(target)
+    if not planned and (args.method or args.budget or args.colour_to_grey):
+        raise SemidiffError(f"{target}: --method, --budget and --colour-to-grey apply to a dataset folder; "
+                            "in a config set method.name=... instead")
+    if planned:
+        from semidiff.plan import plan_dataset, render_config
+
+        # One command from folder to model: the plan is printed and kept in the run folder.
+        plan = plan_dataset(target, args.method, args.budget or "reduced", args.colour_to_grey)
+        print(plan.format())
+        cfg = config_from_dict(apply_overrides(plan.tree, args.overrides), f"plan of {target} + overrides")
+        train(cfg, resume=resume, overwrite=args.overwrite, extra_files={"plan.yaml": render_config(plan)})
+        return 0
     if target.is_dir():
         if not (target / "config.yaml").is_file():
-            raise SemidiffError(f"{target}: not a run folder (no config.yaml)")
+            raise SemidiffError(f"{target}: not a run folder (no config.yaml) nor a dataset (dataset.json, imagesTr/)")
         target, resume = target / "config.yaml", True
     cfg = load_config(target, args.overrides)
     train(cfg, resume=resume, overwrite=args.overwrite)
@@ -193,9 +246,10 @@ def cmd_predict(args) -> int:
     else:
         module = load_module(str(_resolve_checkpoint(args.checkpoint)), map_location=args.device)
         predict_fn, cfg, prep = module.method.predict, module.cfg, module.preprocessing
-    if src.is_dir() and prep.channels > 1:
-        # nnU-Net naming: one file per channel, <case>_0000.<ext> ..., prediction <case>.<ext>.
-        pairs = [(f, o.with_name(o.name.replace("_0000", "", 1))) for f, o in pairs if "_0000" in f.name]
+    if src.is_dir() and pairs and all(_NNUNET_NAME.match(f.name) for f, _ in pairs):
+        # nnU-Net naming: <case>_0000.<ext> is the case (its other channel files, if any, are read
+        # with it; an RGB file holds all three), and the prediction is <case>.<ext>.
+        pairs = [(f, o.with_name(o.name.replace("_0000", "", 1))) for f, o in pairs if "_0000." in f.name]
     palette = _dataset_palette(cfg) if any(suffix_of(o) == ".png" for _, o in pairs) else None
     written: list[Path] = []
     try:
@@ -218,6 +272,9 @@ def cmd_predict(args) -> int:
             path.with_name(f".tmp-{path.name}").unlink(missing_ok=True)  # write_prediction's temporary
         raise
     return 0
+
+
+_NNUNET_NAME = re.compile(r"^.+_\d{4}\.")
 
 
 def _dataset_palette(cfg) -> list[int] | None:
@@ -289,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command == "plan":
+            return cmd_plan(args)
         if args.command == "train":
             return cmd_train(args)
         if args.command == "eval":

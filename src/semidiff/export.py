@@ -37,6 +37,7 @@ from semidiff.config import Config, config_from_dict
 from semidiff.data.preprocessing import (
     DERIVED,
     Preprocessing,
+    fill_colour_rule,
     preprocessing_from_config,
 )
 from semidiff.errors import SemidiffError
@@ -351,7 +352,7 @@ class ExportedModel:
         self.spatial_size = tuple(cfg.data.patch_size)
         recorded = metadata.get("preprocessing")
         # Files exported before preprocessing was recorded: derived from their config, as training did.
-        self.preprocessing = (Preprocessing.from_dict(recorded) if recorded is not None
+        self.preprocessing = (Preprocessing.from_dict(fill_colour_rule(recorded, cfg)) if recorded is not None
                               else preprocessing_from_config(cfg, origin=DERIVED))
 
     def probabilities(self, image: Tensor) -> Tensor:

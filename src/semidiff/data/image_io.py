@@ -88,14 +88,18 @@ class LoadedImage:
     spacing: tuple[float, ...] | None = None
 
 
-def read_image(path: str | Path, volume_axes: str = "zyx", channels: int | None = None) -> LoadedImage:
+def read_image(path: str | Path, volume_axes: str = "zyx", channels: int | None = None,
+               colour_to_grey: bool = False, hint: str = "") -> LoadedImage:
     """Read an image file as ``(C, *spatial)`` float32 with what is needed to write a prediction back.
 
     Args:
         path: NIfTI/NRRD/MHA (SimpleITK), PNG/JPEG/TIFF (Pillow) or h5 (``image`` key).
         volume_axes: array axis order of 3D images, ``"zyx"`` (SimpleITK's) or ``"xyz"``.
-        channels: for 2D Pillow images, 3 keeps RGB as three channels; otherwise colour images
-            are converted to one grey channel.
+        channels: for 2D Pillow images, the channels wanted (:func:`fit_channels`); None keeps
+            the file's own (grey 1, RGB 3, RGBA 4; an opaque alpha is dropped).
+        colour_to_grey: with ``channels=1``, convert a colour image to grey (luma) instead of
+            refusing it.
+        hint: what to do about a channel mismatch, appended to the error.
 
     Raises:
         DataError: missing, unreadable or unsupported file, empty or non-finite image.
@@ -134,11 +138,9 @@ def read_image(path: str | Path, volume_axes: str = "zyx", channels: int | None 
                 raise DataError(path, f"refusing to read: {exc}") from None
             with im_file as im:
                 check_voxel_count(path, im.size)
-                if channels == 3:
-                    arr = np.moveaxis(np.asarray(im.convert("RGB"), dtype=np.float32), -1, 0)
-                else:
-                    grey = im.convert("L") if im.mode not in ("L", "I", "I;16", "F") else im
-                    arr = np.asarray(grey, dtype=np.float32)[None]
+                arr = pil_channels(im)
+                if channels is not None and arr.shape[0] != channels:
+                    arr = fit_channels(arr, im, channels, path, colour_to_grey, hint)
             out = LoadedImage(arr, path, "pil")
         elif suffix in H5_SUFFIXES:
             import h5py
@@ -170,13 +172,74 @@ def read_image(path: str | Path, volume_axes: str = "zyx", channels: int | None 
     return out
 
 
+#: Pillow modes read as one grey channel as they are (no conversion, 16-bit and float kept).
+_GREY_MODES = ("1", "L", "I", "F")
+
+
+def pil_channels(im) -> np.ndarray:
+    """A Pillow image as ``(C, H, W)`` float32 with its own channels: grey 1, grey+alpha 2, RGB 3,
+    RGBA 4 (palette and other colour modes through RGB/RGBA). An alpha channel that is opaque
+    everywhere carries nothing and is dropped."""
+    mode = im.mode
+    if mode in _GREY_MODES or mode.startswith("I;16"):
+        return np.asarray(im, dtype=np.float32)[None]
+    if mode not in ("LA", "RGB", "RGBA"):
+        has_alpha = mode in ("PA", "La") or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    arr = np.moveaxis(np.asarray(im, dtype=np.float32), -1, 0)
+    if arr.shape[0] in (2, 4) and bool((arr[-1] == 255).all()):
+        arr = arr[:-1]
+    return arr
+
+
+def fit_channels(arr: np.ndarray, im, channels: int, path: str | Path, colour_to_grey: bool = False,
+                 hint: str = "") -> np.ndarray:
+    """Give a 2D image ``channels`` channels without losing what it shows unless told to.
+
+    - a grey image as RGB (``channels=3``): the grey value in each channel (nothing is lost);
+    - a colour image whose channels are all equal, as grey: one of them (nothing is lost);
+    - a colour image as grey: Pillow's luma (ITU-R 601-2) only with ``colour_to_grey``, else an
+      error: colour is never dropped silently.
+
+    Raises:
+        DataError: naming the file, a colour image for one channel without ``colour_to_grey``, or
+            channel counts that do not convert (e.g. a varying alpha channel).
+    """
+    have = arr.shape[0]
+    end = f"; {hint}" if hint else ""
+    if channels == 3 and have == 1:
+        return np.repeat(arr, 3, axis=0)
+    if channels == 1 and have == 3:
+        if all(np.array_equal(arr[0], arr[c]) for c in (1, 2)):
+            return arr[:1]
+        if colour_to_grey:
+            return np.asarray(im.convert("L"), dtype=np.float32)[None]
+        raise DataError(path, f"colour (RGB) image, but one grey channel is expected{end}")
+    what = {2: "grey + alpha", 3: "RGB", 4: "RGBA with a varying alpha"}.get(have, f"{have} channels")
+    raise DataError(path, f"image has {have} channel(s) ({what}), {channels} expected{end}")
+
+
+def check_rgb_range(array: np.ndarray, path: str | Path) -> None:
+    """``rgb_to_0_1`` divides by 255: refuse an image whose values are outside 0..255 (16-bit, float).
+
+    Raises:
+        DataError: naming the file and the range found.
+    """
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0 or hi > 255:
+        raise DataError(path, f"normalisation rgb_to_0_1 needs 8-bit values 0..255, the image holds {lo:g}..{hi:g}; "
+                              "use normalize zscore or minmax")
+
+
 def normalize(array: np.ndarray, mode: str) -> np.ndarray:
     """The intensity normalisation the benchmark h5 files were made with, per image and channel.
 
-    ``array`` is channel first; each channel is scaled on its own (multi-modal MRI channels have
-    unrelated ranges). Readers of raw formats call this too, so that training and
+    ``array`` is channel first; ``minmax`` and ``zscore`` scale each channel on its own (multi-modal
+    MRI channels have unrelated ranges); ``rgb_to_0_1`` divides every channel by 255 (8-bit colour). Readers of raw formats call this too, so that training and
     ``semidiff predict`` see identically scaled inputs.
     """
+    if mode == "rgb_to_0_1":  # nnU-Net's for natural images: one scale for all channels keeps the colour balance
+        return (array / np.float32(255.0)).astype(np.float32)
     if mode not in ("minmax", "zscore"):
         return array.astype(np.float32)
     out = np.empty(array.shape, dtype=np.float32)

@@ -101,7 +101,9 @@ class MosxavReader:
     def declared_preprocessing(cls, options: dict) -> dict:
         """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
         default = inspect.signature(cls.__init__).parameters["normalize"].default
-        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": None}  # 2D frames
+        channels = options.get("channels", inspect.signature(cls.__init__).parameters["channels"].default)
+        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": None,  # 2D frames
+                "colour_to_grey": int(channels) == 1}
 
     @property
     def palette(self) -> list[int]:
@@ -193,7 +195,8 @@ class MosxavReader:
         Raises:
             DataError: naming the frame or mask file.
         """
-        img = read_image(ref.path, channels=self.channels)
+        # channels 1 is this reader's documented conversion of colour frames to grey
+        img = read_image(ref.path, channels=self.channels, colour_to_grey=True)
         image = normalize(img.array, self.normalize)
         mask_path = self._mask_path(ref)
         label = None

@@ -4,6 +4,7 @@ Layout::
 
     <root>/dataset.json                 channel_names (or modality), labels, file_ending
     <root>/imagesTr/<case>_0000.nii.gz  one file per input channel: _0000, _0001, ...
+                                        (2D RGB/RGBA PNG/JPEG/TIFF: one file holds R, G, B)
     <root>/labelsTr/<case>.nii.gz       integer label map with the values of dataset.json
     <root>/imagesUnlabeled/<case>_0000.nii.gz   unlabeled cases (folder name configurable)
     <root>/imagesTs/, labelsTs/         optional test cases (a test split when labelsTs exists)
@@ -12,6 +13,11 @@ Layout::
 2D (PNG/TIF/BMP) and 3D (NIfTI/NRRD/MHA) files are read through :func:`read_image`: SimpleITK keeps
 spacing, origin and direction, which :attr:`Case.meta` carries for writing predictions back.
 3D arrays are in SimpleITK's (z, y, x) order (``data.volume_axes: zyx``).
+
+Channels follow nnU-Net: every channel in its own file, except 2D natural images, where one
+RGB (or RGBA) file holds the three channels that ``channel_names`` declares. A colour image is
+never reduced to grey unless dataset.json declares one channel and ``colour_to_grey`` is set; it
+is an error naming the file and what to declare.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from semidiff.data.image_io import (
     ITK_SUFFIXES,
     PIL_SUFFIXES,
     LoadedImage,
+    check_rgb_range,
     normalize,
     read_image,
     read_label_png,
+    suffix_of,
 )
 from semidiff.data.record import Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
@@ -90,21 +98,47 @@ def read_dataset_json(path: Path) -> dict:
     return {"channels": channel_names, "labels": labels, "file_ending": ending}
 
 
-def read_case_channels(first: str | Path, num_channels: int, volume_axes: str = "zyx") -> LoadedImage:
-    """Read the ``_0000 .. _000{C-1}`` files of one case into one multi-channel image.
+#: What to do about a colour file in a dataset that declares one channel (the reader's error hint).
+GREY_HINT = ('dataset.json declares 1 channel: declare "channel_names": {"0": "R", "1": "G", "2": "B"} to '
+             'train on colour, or convert it to grey with data.reader_options.colour_to_grey: true '
+             '(semidiff plan/train DATASET: --colour-to-grey)')
 
-    The geometry (for writing predictions back) is the first channel's.
+
+def read_case_channels(first: str | Path, num_channels: int, volume_axes: str = "zyx",
+                       colour_to_grey: bool = False) -> LoadedImage:
+    """Read one case's channels into one multi-channel image, as nnU-Net lays them out.
+
+    One file that holds all ``num_channels`` channels (an RGB PNG when three are declared) is the
+    case; otherwise each channel is its own file, ``_0000 .. _000{C-1}``. The geometry (for writing
+    predictions back) is the first file's.
+
+    Args:
+        first: the case's ``_0000`` file.
+        num_channels: the channels dataset.json (or the model) declares.
+        volume_axes: axis order of 3D arrays.
+        colour_to_grey: with one channel declared, convert a colour file to grey instead of refusing it.
 
     Raises:
-        DataError: a missing channel file, or channels whose shapes or spacings differ.
+        DataError: a colour file where one channel is declared (unless ``colour_to_grey``), a missing
+            channel file, or channels whose counts, shapes or spacings differ.
     """
     first = Path(first)
-    parts = [read_image(first, volume_axes)]
+    if num_channels == 1:
+        return read_image(first, volume_axes, channels=1, colour_to_grey=colour_to_grey, hint=GREY_HINT)
+    head = read_image(first, volume_axes)
+    if head.array.shape[0] == num_channels:
+        return head  # RGB natural images: one file, three channels
+    if head.array.shape[0] != 1:
+        raise DataError(first, f"image holds {head.array.shape[0]} channels but dataset.json declares "
+                               f"{num_channels}; declare {head.array.shape[0]} (one file) or give one file per channel")
+    parts = [head]
     for c in range(1, num_channels):
         path = channel_file(first, c)
         if not path.is_file():
-            raise DataError(path, f"channel {c} of case {first.name} is missing")
-        part = read_image(path, volume_axes)
+            why = " (an RGB image in one file is read as its three channels; this one is grey)" if c == 1 else ""
+            raise DataError(path, f"channel {c} of case {first.name} is missing{why}")
+        part = read_image(path, volume_axes, channels=1 if suffix_of(path) in PIL_SUFFIXES else None,
+                          hint=f"a file of one channel of a {num_channels}-channel case must be grey")
         if part.array.shape[1:] != parts[0].array.shape[1:]:
             raise DataError(path, f"channel shape {part.array.shape[1:]} differs from {first.name}'s "
                                   f"{parts[0].array.shape[1:]}")
@@ -148,6 +182,7 @@ class NnUNetReader:
         normalize: str = "zscore",
         spatial_dims: int | None = None,
         num_classes: int | None = None,
+        colour_to_grey: bool = False,
     ) -> None:
         """Read dataset.json and check the options.
 
@@ -163,9 +198,12 @@ class NnUNetReader:
                 one) is held out as ``val`` with ``seed`` [default 0.2]; 0 gives no ``val`` split.
             seed: seed of that hold-out.
             normalize: per case and channel, ``"zscore"`` [default, nnU-Net's for non-CT],
-                ``"minmax"`` or ``"none"``; set ``data.normalize`` to the same for predict.
+                ``"minmax"``, ``"rgb_to_0_1"`` (8-bit colour divided by 255, nnU-Net's for natural
+                images) or ``"none"``.
             spatial_dims: 2 or 3; default from ``file_ending`` (2D for PNG/TIF, else 3D).
             num_classes: override (must cover every label value of dataset.json).
+            colour_to_grey: a dataset that declares one channel: convert colour images to grey
+                (luma) instead of refusing them [default False].
 
         Raises:
             DataError: missing root, dataset.json or imagesTr.
@@ -201,6 +239,10 @@ class NnUNetReader:
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.normalize = normalize
+        self.colour_to_grey = bool(colour_to_grey)
+        if self.colour_to_grey and self.in_channels != 1:
+            raise ConfigError(f"colour_to_grey applies to a dataset that declares one channel; dataset.json "
+                              f"declares {self.in_channels} ({', '.join(self.channel_names)})")
         self._label_dirs: dict[str, Path] = {}
         self._unsuffixed: list[Path] = []  # image files without the _0000 channel suffix
 
@@ -211,7 +253,8 @@ class NnUNetReader:
     def declared_preprocessing(cls, options: dict) -> dict:
         """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
         default = inspect.signature(cls.__init__).parameters["normalize"].default
-        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": "zyx"}  # read by SimpleITK
+        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": "zyx",  # SimpleITK's
+                "colour_to_grey": bool(options.get("colour_to_grey", False))}
 
     @property
     def in_channels(self) -> int:
@@ -364,8 +407,10 @@ class NnUNetReader:
         first = Path(ref.path)
         if not first.is_file():
             raise DataError(first, f"image of case {ref.case_id!r} is missing (a label without its image?)")
-        img = read_case_channels(first, self.in_channels)
+        img = read_case_channels(first, self.in_channels, colour_to_grey=self.colour_to_grey)
         image = img.array
+        if self.normalize == "rgb_to_0_1":
+            check_rgb_range(image, first)
         if self.spatial_dims == 2 and image.ndim == 4 and image.shape[1] == 1:
             image = image[:, 0]  # a single-slice NIfTI used as a 2D image
         if image.ndim - 1 != self.spatial_dims:
@@ -392,8 +437,10 @@ class NnUNetReader:
                     raise DataError(label_path, f"label spacing {tuple(round(s, 5) for s in ls)} differs from "
                                                 f"image {first.name} spacing {tuple(round(s, 5) for s in spacing)}")
             label = check_label_values(raw, self.label_values, str(label_path))
+        # A case that loaded without a _0001 file holds all its channels in one file (RGB).
+        files = 1 if self.in_channels == 1 or not channel_file(first, 1).is_file() else self.in_channels
         meta: dict = {"kind": "volume" if self.spatial_dims == 3 else "image",
-                      "image_files": [str(channel_file(first, c)) for c in range(self.in_channels)]}
+                      "image_files": [str(channel_file(first, c)) for c in range(files)]}
         if img.reference is not None:
             ref_img = img.reference
             meta["geometry"] = {"spacing": tuple(ref_img.GetSpacing()), "origin": tuple(ref_img.GetOrigin()),

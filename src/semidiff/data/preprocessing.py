@@ -4,8 +4,9 @@ A :class:`Preprocessing` says everything that turns a file into what the network
 
 - **axis order** of 3D arrays (``volume_axes``): SimpleITK's ``zyx`` or UA-MT's ``xyz``; NIfTI, NRRD
   and MHA files are read into that order, h5 arrays are taken as stored.
-- **channels**: ``channels`` input channels; a 2D colour file gives RGB when 3, grey when 1; nnU-Net
-  data has one file per channel (``<case>_0000`` ...).
+- **channels**: ``channels`` input channels; a 2D colour file gives RGB when 3; nnU-Net data has one
+  file per channel (``<case>_0000`` ...) except RGB natural images (one file). A colour file for a
+  one-channel model is refused unless ``colour_to_grey`` (the reader converted colour to grey).
 - **intensity**, in two stages, each per image and channel with statistics over the whole file:
 
   - ``stored``: the normalisation the dataset's stored files already carry, applied when they were
@@ -35,6 +36,7 @@ import numpy as np
 from semidiff.data.image_io import (
     H5_SUFFIXES,
     LoadedImage,
+    check_rgb_range,
     normalize,
     read_image,
     suffix_of,
@@ -46,18 +48,19 @@ __all__ = [
     "NORMALIZATIONS",
     "STATISTICS",
     "Preprocessing",
+    "fill_colour_rule",
     "preprocessing_from_config",
     "read_model_input",
 ]
 
-NORMALIZATIONS = ("none", "minmax", "zscore")
+NORMALIZATIONS = ("none", "minmax", "zscore", "rgb_to_0_1")
 #: The statistics rule of every normalisation here (and of :func:`semidiff.data.image_io.normalize`).
 STATISTICS = "per image and channel, over the whole file (before any crop)"
 #: ``semidiff predict --intensity``: ``raw`` a scan as acquired, ``stored`` a file that already carries
 #: the dataset's stored normalisation, ``auto`` h5 files are stored ones and every other format is raw.
 INTENSITY_CHOICES = ("auto", "raw", "stored")
 DERIVED = "derived from the run's config (checkpoint or export written before preprocessing was recorded)"
-_DESCRIBE = {"none": "none", "minmax": "min-max to [0, 1]", "zscore": "z-score"}
+_DESCRIBE = {"none": "none", "minmax": "min-max to [0, 1]", "zscore": "z-score", "rgb_to_0_1": "divided by 255"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Preprocessing:
         on_load: normalisation the reader applies to every file it loads.
         stored: normalisation the dataset's stored files already carry.
         resample_factor: per-axis resampling before the model (the prediction is resampled back).
+        colour_to_grey: a colour 2D file is converted to grey for a one-channel model (the reader
+            did so in training); otherwise it is refused.
         origin: ``"recorded"`` or :data:`DERIVED`.
     """
 
@@ -80,6 +85,7 @@ class Preprocessing:
     on_load: str = "none"
     stored: str = "none"
     resample_factor: float = 1.0
+    colour_to_grey: bool = False
     origin: str = "recorded"
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +97,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "recorded") -> Preprocessing:
         fields = {k: data[k] for k in ("spatial_dims", "channels", "volume_axes", "on_load", "stored",
-                                       "resample_factor") if k in data}
+                                       "resample_factor", "colour_to_grey") if k in data}
         return cls(**fields, origin=origin)
 
     def same_transform(self, other: Preprocessing) -> bool:
@@ -120,7 +126,7 @@ class Preprocessing:
         parts = [f"intensity: {intensity}", f"statistics {STATISTICS}"]
         if self.spatial_dims == 3:
             parts.append(f"axes {self.volume_axes}")
-        parts.append(f"{self.channels} channel(s)")
+        parts.append(f"{self.channels} channel(s)" + (", colour converted to grey" if self.colour_to_grey else ""))
         if self.resample_factor != 1.0:
             parts.append(f"resampled by {self.resample_factor:g}")
         if self.origin != "recorded":
@@ -181,7 +187,15 @@ def preprocessing_from_config(cfg, strict: bool = False, origin: str = "recorded
         raise ConfigError(f"data.volume_axes: the {data.reader!r} reader gives ({', '.join(axes)}) arrays, "
                           f"not ({', '.join(data.volume_axes)}); set data.volume_axes to {axes!r}")
     return Preprocessing(spatial_dims=cfg.spatial_dims, channels=cfg.model.in_channels, volume_axes=axes,
-                         on_load=on_load, stored=stored, resample_factor=data.resample_factor, origin=origin)
+                         on_load=on_load, stored=stored, resample_factor=data.resample_factor,
+                         colour_to_grey=bool(decl.get("colour_to_grey", False)), origin=origin)
+
+
+def fill_colour_rule(recorded: dict[str, Any], cfg) -> dict[str, Any]:
+    """A record written before ``colour_to_grey`` existed gets what its reader did (MOSXAV's grey frames)."""
+    if "colour_to_grey" in recorded:
+        return recorded
+    return {**recorded, "colour_to_grey": preprocessing_from_config(cfg).colour_to_grey}
 
 
 def _looks_normalised(array: np.ndarray) -> bool:
@@ -213,7 +227,10 @@ def read_model_input(path: str | Path, prep: Preprocessing, intensity: str = "au
 
         img = read_case_channels(path, prep.channels, prep.volume_axes)
     else:
-        img = read_image(path, prep.volume_axes, channels=prep.channels)
+        hint = ("the model takes one grey channel and was trained on grey images; convert the image to grey "
+                "if that is what you mean")
+        img = read_image(path, prep.volume_axes, channels=prep.channels, colour_to_grey=prep.colour_to_grey,
+                         hint=hint)
     array = img.array
     if img.kind == "h5" and prep.channels > 1 and array.shape[0] == 1 and array.shape[1] == prep.channels:
         array = array[0]  # an h5 image stored channel first (multi-modal BraTS)
@@ -222,6 +239,8 @@ def read_model_input(path: str | Path, prep: Preprocessing, intensity: str = "au
         raise DataError(path, f"image has {array.shape[0]} channels, the model expects {prep.channels}")
     if prep.spatial_dims == 3 and array.ndim - 1 != 3:
         raise DataError(path, f"a 3D model needs a 3D image, got {array.ndim - 1}D of shape {array.shape[1:]}")
+    if prep.on_load == "rgb_to_0_1":
+        check_rgb_range(array, path)
     raw = intensity == "raw" or (intensity == "auto" and img.kind != "h5")
     note = prep.describe(raw)
     if raw and prep.stored == "zscore" and intensity == "auto" and _looks_normalised(array):

@@ -15,6 +15,7 @@ from semidiff.config import Config, config_from_dict
 from semidiff.data.preprocessing import (
     DERIVED,
     Preprocessing,
+    fill_colour_rule,
     preprocessing_from_config,
 )
 from semidiff.errors import SemidiffError
@@ -60,7 +61,7 @@ class SemidiffModule(L.LightningModule):
         super().__init__()
         cfg = config_from_dict(config, "checkpoint config")
         # A checkpoint from before preprocessing was recorded: derive it the way its training did.
-        self.preprocessing = (Preprocessing.from_dict(preprocessing) if preprocessing is not None
+        self.preprocessing = (Preprocessing.from_dict(fill_colour_rule(preprocessing, cfg)) if preprocessing is not None
                               else preprocessing_from_config(cfg, origin=DERIVED))
         # The full resolved config and the file-to-input preprocessing travel in every checkpoint:
         # eval/predict/export read them from there.

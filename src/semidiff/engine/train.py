@@ -101,17 +101,21 @@ def check_case_fits_model(case, cfg: Config) -> None:
             raise ConfigError(f"{exc}; model.num_classes is {n} (ids 0..{n - 1}): set model.num_classes") from None
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    """Train one run; returns the final evaluation summaries (last and best on validation)."""
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print,
+          extra_files: dict[str, str] | None = None) -> dict:
+    """Train one run; returns the final evaluation summaries (last and best on validation).
+
+    ``extra_files`` (name -> text) are written into the run folder beside ``config.yaml`` (the plan).
+    """
     threads = ThreadShare(cfg.train.num_threads, log=log)
     threads.register()  # counted among this machine's trainings until training and evaluation end
     try:
-        return _train(cfg, resume, overwrite, log, threads)
+        return _train(cfg, resume, overwrite, log, threads, extra_files or {})
     finally:
         threads.unregister()
 
 
-def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare) -> dict:
+def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare, extra_files: dict[str, str]) -> dict:
     run_dir = cfg.run_dir()
     last = checkpoint_path(run_dir, "last")
     rank_zero = is_launch_rank_zero()
@@ -139,6 +143,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
         check_output_dir(run_dir)
         remove_stale_temporaries(run_dir / "checkpoints")  # left by a run killed mid-save
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        for name, text in extra_files.items():
+            (run_dir / name).write_text(text)
     if rank_zero:
         (run_dir / "splits.json").write_text(json.dumps(data.splits.summary(), indent=1))
     log(f"run folder: {run_dir}")
