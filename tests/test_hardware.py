@@ -132,25 +132,26 @@ def test_fixed_threads_warn_when_the_machine_is_oversubscribed(tmp_path, monkeyp
 
 # ---- method speed paths ------------------------------------------------------------------------
 def test_ua_mt_batched_teacher_passes_match_one_by_one():
-    """All T+1 noisy teacher passes in one forward against one pass per forward: the noise is the
-    same; only BatchNorm's batch statistics (and dropout draws) differ, so target and mask agree
-    closely, not exactly."""
+    """Noisy teacher passes stacked per forward (the default, and all T+1 at once) against one pass
+    per forward: the noise draws are the same, so with the teacher's dropout and batch statistics
+    out of the way (eval mode) target and mask agree."""
     spec = NetSpec("unet2d", 1, 3, 2, {"features": [4, 8, 8, 16, 16]})
     torch.manual_seed(0)
-    batched = create_method("ua_mt", spec, {"mc_passes": 4})
     single = create_method("ua_mt", spec, {"mc_passes": 4, "mc_batch": 1})
-    single.load_state_dict(batched.state_dict())
-    for m in (batched, single):
-        m.teacher.eval()  # dropout off, so the comparison isolates the batching
     x_u = torch.rand(3, 1, 32, 32)
     logits = torch.randn(3, 3, 32, 32)
     progress = Progress(50, 100)
-    torch.manual_seed(2)
-    loss_b, parts_b = batched.consistency_loss(logits, x_u, progress)
+    single.teacher.eval()  # dropout off, so the comparison isolates the batching
     torch.manual_seed(2)
     loss_s, parts_s = single.consistency_loss(logits, x_u, progress)
-    assert torch.allclose(loss_b, loss_s, rtol=1e-4, atol=1e-6)
-    assert torch.equal(parts_b["mask_ratio"], parts_s["mask_ratio"])
+    for batch in (None, 3):  # all five passes in one forward; the default, 3 then 2
+        batched = create_method("ua_mt", spec, {"mc_passes": 4, "mc_batch": batch})
+        batched.load_state_dict(single.state_dict())
+        batched.teacher.eval()
+        torch.manual_seed(2)
+        loss_b, parts_b = batched.consistency_loss(logits, x_u, progress)
+        assert torch.allclose(loss_b, loss_s, rtol=1e-4, atol=1e-6)
+        assert torch.equal(parts_b["mask_ratio"], parts_s["mask_ratio"])
 
 
 def test_compile_compiles_every_network_in_place_keeping_checkpoint_keys(monkeypatch):

@@ -68,15 +68,16 @@ class UAMTOptions(MeanTeacherOptions):
         threshold_rampup_fraction: Length of the threshold's ramp as a fraction of
             ``train.max_steps`` (1.0: UA-MT ramps it over all iterations).
         mc_batch: Noisy teacher passes per forward (the target pass counts as one); None: all
-            ``mc_passes + 1`` in one forward (faster on a CPU than one by one). The
-            reference code stacks 2 per forward; BatchNorm's batch statistics then cover the
-            stacked passes of the same images instead of one pass each.
+            ``mc_passes + 1`` in one forward. 3 (the default) was the fastest of 1, 3 and 9 on a
+            2-core CPU (benchmarks/results/step_times.md); the reference code stacks 2. With
+            several per forward, BatchNorm's batch statistics cover the stacked passes of the
+            same images instead of one pass each.
     """
 
     mc_passes: int = Field(default=8, ge=1)
     threshold_start: float = Field(default=0.75, ge=0.0, le=1.0)
     threshold_rampup_fraction: float = Field(default=1.0, ge=0.0, le=1.0)
-    mc_batch: int | None = Field(default=None, ge=1)
+    mc_batch: int | None = Field(default=3, ge=1)
 
 
 @register_method("ua_mt")
