@@ -334,9 +334,10 @@ def test_engine_runs_each_baseline(tmp_path: Path, synth_small, name):
         "experiment": {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 0},
         "data": {"reader": "synthetic", "root": str(synth_small), "labeled": 2, "patch_size": [32, 32]},
         "model": {"net": "unet2d", "num_classes": 4, "net_options": dict(SMALL_UNET)},
-        "method": {"name": name, "options": {"mc_passes": 2} if name == "ua_mt" else {}},
+        "method": {"name": name, "options": {"ua_mt": {"mc_passes": 2},
+                                             "bcp": {"pretrain_steps": 2, "self_train_from": "best"}}.get(name, {})},
         "train": {"max_steps": 4, "labeled_batch": 2, "unlabeled_batch": 2, "optimizer": "adamw", "lr": 1e-3,
-                  "val_every": 4, "log_every": 1, "accelerator": "cpu", "progress_bar": False,
+                  "val_every": 2, "log_every": 1, "accelerator": "cpu", "progress_bar": False,
                   "num_threads": 1},
         "eval": {"overlay_cases": 0},
     })
@@ -348,3 +349,36 @@ def test_engine_runs_each_baseline(tmp_path: Path, synth_small, name):
     for part in PARTS[name]:
         assert all(math.isfinite(float(r[f"train/{part}"])) for r in rows)
     assert 0.0 <= results["last"]["summary"]["mean"]["dice"] <= 1.0
+    if name == "bcp":  # the engine reported the validation at the end of pre-training to the method
+        state = torch.load(cfg.run_dir() / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        assert 0.0 <= float(state["method.best_pretrained_dice"]) <= 1.0
+
+
+def test_bcp_self_training_starts_from_the_best_pretrained_validation():
+    method = create_method("bcp", _spec(2), {"pretrain_steps": 4, "self_train_from": "best"})
+    labeled, unlabeled = _batch(2, 2, 2)
+
+    def nudge(scale):  # stands in for optimiser steps between validations
+        with torch.no_grad():
+            for p in method.student.parameters():
+                p.add_(scale)
+
+    nudge(0.01)
+    method.on_validation(Progress(2, 10), 0.5)
+    best = [p.clone() for p in method.student.parameters()]
+    nudge(0.02)
+    method.on_validation(Progress(3, 10), 0.4)  # worse: not kept
+    nudge(0.03)
+    method.training_step(labeled, unlabeled, Progress(4, 10))  # first self-training step
+    # The parameters are the kept ones (the step's forward moves only BatchNorm's running statistics).
+    for value, kept in zip(method.student.parameters(), best, strict=True):
+        torch.testing.assert_close(value, kept)
+    for t, s in zip(method.teacher.parameters(), method.student.parameters(), strict=True):
+        torch.testing.assert_close(t, s)
+    method.on_validation(Progress(6, 10), 0.9)  # after pre-training: does not touch the copy
+    assert float(method.best_pretrained_dice) == 0.5
+    assert "best_pretrained_dice" in method.state_dict()
+    # Default (last): no copy kept, the hook does nothing.
+    plain = create_method("bcp", _spec(2), {"pretrain_steps": 4})
+    plain.on_validation(Progress(2, 10), 0.5)
+    assert plain.best_pretrained is None

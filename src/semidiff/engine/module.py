@@ -264,6 +264,7 @@ class SemidiffModule(L.LightningModule):
         for cls, stats in summary["per_class"].items():
             values[f"val/dice_{cls}"] = stats["dice"]["mean"]
         self.log_dict({k: float(v) for k, v in values.items()}, prog_bar=False, sync_dist=False)
+        self.method.on_validation(Progress(self.global_step, self.cfg.train.max_steps), float(summary["mean"]["dice"]))
         self.log("val_dice", float(summary["mean"]["dice"]), prog_bar=True, logger=False)
         for logger in self.loggers:
             writer = getattr(logger, "experiment", None)

@@ -92,6 +92,10 @@ class Method(nn.Module):
     def on_step_end(self, progress: Progress) -> None:
         """Called after the optimiser step (EMA teachers, memory banks)."""
 
+    def on_validation(self, progress: Progress, mean_dice: float) -> None:
+        """Called after each validation with the mean Dice over the validation cases (every
+        process gets the same value); e.g. BCP keeps its best pre-trained student."""
+
     @torch.no_grad()
     def predict(self, image: Tensor) -> Tensor:
         """Class probabilities (B, num_classes, *spatial) for images (B, C, *spatial).

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 from torch.profiler import record_function
 
 from semidiff import profiling
@@ -41,6 +41,7 @@ from semidiff.methods.common import (
     copy_weights,
     ema_update,
     largest_component,
+    make_ema_copy,
     mix,
     pseudo_label,
     require_unlabeled,
@@ -87,6 +88,11 @@ class BCPOptions(TeacherOptions):
         u_weight: Weight of the pseudo-labeled regions (0.5 in BCP).
         largest_component: Keep only the largest connected component per class of the teacher's
             pseudo-labels (BCP's ``nms=1``).
+        self_train_from: The student self-training starts from: ``last`` (the end of pre-training)
+            or ``best`` (the pre-training validation with the best mean Dice, as BCP's code, which
+            loads its best pre-trained model; on the validation split here, never the test split).
+            ``best`` needs validations during pre-training (``train.val_every`` below the
+            pre-training length) and keeps a copy of the student in the checkpoints.
     """
 
     pretrain_steps: StepsOrFraction = 0.2
@@ -94,6 +100,7 @@ class BCPOptions(TeacherOptions):
     block_position: Literal["random", "center"] = "random"
     u_weight: float = Field(default=0.5, ge=0.0)
     largest_component: bool = True
+    self_train_from: Literal["last", "best"] = "last"
 
     def pretrain_length(self, max_steps: int) -> int:
         """The stage-0 length in steps."""
@@ -111,6 +118,10 @@ class BCP(TeacherStudentMethod):
         super().__init__(net, options)
         # Saved in checkpoints, so a resumed run knows whether the teacher was already reset.
         self.register_buffer("teacher_synced", torch.zeros((), dtype=torch.bool))
+        self.best_pretrained: nn.Module | None = None  # self_train_from: best (checkpointed)
+        if self.options.self_train_from == "best":
+            self.best_pretrained = make_ema_copy(self.student)
+            self.register_buffer("best_pretrained_dice", torch.full((), -1.0))
 
     def training_step(self, labeled, unlabeled, progress: Progress) -> dict[str, Tensor]:
         x_l, y_l = labeled["image"], labeled["label"]
@@ -134,6 +145,8 @@ class BCP(TeacherStudentMethod):
 
     def _self_train_losses(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         if not bool(self.teacher_synced):
+            if self.best_pretrained is not None and float(self.best_pretrained_dice) >= 0:
+                copy_weights(self.student, self.best_pretrained)  # the optimiser state stays as it is
             copy_weights(self.teacher, self.student)
             self.teacher_synced.fill_(True)
         n = min((len(x_l) + 1) // 2, (len(x_u) + 1) // 2)
@@ -151,6 +164,14 @@ class BCP(TeacherStudentMethod):
         # Unlabeled block in labeled background: pseudo-labels inside, ground truth outside.
         pseudo_in, gt_out = region_losses(logits[n:], pl_b, yl_b, mask)
         return gt_in + gt_out, pseudo_out + pseudo_in
+
+    @torch.no_grad()
+    def on_validation(self, progress: Progress, mean_dice: float) -> None:
+        """``self_train_from: best``: keep the student of the best pre-training validation."""
+        if (self.best_pretrained is not None and progress.step <= self.options.pretrain_length(progress.max_steps)
+                and mean_dice > float(self.best_pretrained_dice)):
+            copy_weights(self.best_pretrained, self.student)
+            self.best_pretrained_dice.fill_(mean_dice)
 
     def on_step_end(self, progress: Progress) -> None:
         # The teacher is only used (and followed) in the self-training stage.
