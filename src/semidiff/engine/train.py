@@ -208,7 +208,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
         return {}  # rank 0 alone writes timing and evaluates (once, over the whole set)
     steps_done = trainer.global_step
     timing = {"wall_seconds": round(wall, 1), "steps": steps_done, "peak_memory_mib": peak_memory_mib(),
-              "precision": precision, "memory_format": str(module.memory_format).removeprefix("torch."),
+              "precision": precision, "memory_format": str(module.memory_format or "contiguous").removeprefix("torch."),
               "threads": threads.threads}
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"trained {steps_done} steps in {wall:.0f} s")
