@@ -105,6 +105,14 @@ def test_inspect_reports_not_annotated_pixels_and_frames(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not annotated (label 255, left out of losses and metrics): 72 pixels in 3 of 6 labeled cases" in out
     assert "val: 1 videos listed, 2 frames with semseg masks" in out
+    # A value outside the classes fails the report naming the file, unless declared not annotated.
+    bad = np.asarray(Image.open(tmp_path / "semseg" / "3_200.png")).copy()
+    bad[0, :3] = 7
+    Image.fromarray(bad).save(tmp_path / "semseg" / "3_200.png")
+    assert main(["data", "inspect", str(tmp_path)]) == 1
+    assert "semseg/3_200.png: label values 7 are not among" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path), "--option", "treat_as_ignore=[7]"]) == 0
+    assert "75 pixels in 3 of 6 labeled cases" in capsys.readouterr().out  # 3_200 had 255 already
 
 
 # ---- the semi-supervised protocol ------------------------------------------------------------
@@ -265,3 +273,19 @@ def test_real_seg50_protocol_and_labels(realdata):
         reader.load(refs["153_32700"])
     case = create_reader("endoscapes", root, treat_as_ignore=[7]).load(refs["153_32700"])
     assert case.image.shape == (3, 480, 854) and (case.label == IGNORE_INDEX).sum() >= 24522
+
+
+def test_labeled_mask_noise_leaves_not_annotated_pixels_alone():
+    """The noise benchmark corrupts annotated pixels only; 255 stays 255 and is never a class."""
+    from semidiff.config import NoiseConfig
+    from semidiff.noise import LabeledMaskNoise
+
+    label = np.zeros((8, 8), np.uint8)
+    label[:4] = IGNORE_INDEX
+    label[4:, :4] = 3
+    flip = LabeledMaskNoise(NoiseConfig(target="labeled", kind="flip", rate=0.5, labeled_share=1.0), ["a"], 7)
+    out = flip("a", label)
+    assert (out[:4] == IGNORE_INDEX).all() and set(np.unique(out[4:])) <= set(range(7)) and (out[4:] != 3).any()
+    grow = LabeledMaskNoise(NoiseConfig(target="labeled", kind="dilate", k=2, labeled_share=1.0), ["a"], 7)
+    out = grow("a", label)
+    assert (out[:4] == IGNORE_INDEX).all() and (out[4:, 4:6] == 3).all() and (out[4:, 6:] == 0).all()
