@@ -1,7 +1,8 @@
 """Losses shared by every method, written once.
 
 Ground-truth pixels labelled :data:`~semidiff.data.record.IGNORE_INDEX` (not annotated) weigh 0 in
-every loss here: methods pass labels through unchanged and never handle the ignore value themselves.
+every loss here, so methods pass labels to them unchanged. A method that feeds labels anywhere else
+(a diffusion input, prototypes) takes the filled map and the weights from :func:`without_ignored`.
 """
 
 from __future__ import annotations
