@@ -498,12 +498,15 @@ def test_shipped_frame_dataset_config_matches_its_reader(tmp_path, config):
 
     root = tmp_path / "data"
     (_endoscapes if config.parent.name == "endoscapes" else _mosxav)(root)
+    semi = not config.stem.startswith("supervised")
     cfg = load_config(config, [
         f"data.root={root}", "data.patch_size=[16,32]", "data.num_workers=0",
-        "data.labeled=0.5",  # one of the replica's two training videos/sequences
-        "model.net_options.features=[4,8,8,8,8]",
+        # one of the replica's two training videos/sequences (EndoScapes counts videos, MOSXAV a share)
+        "data.labeled=1" if config.parent.name == "endoscapes" else "data.labeled=0.5",
+        # protodiff_unet takes the width through its backbone's options
+        f"model.net_options.{'backbone_options.' if 'protodiff_unet' in config.stem else ''}features=[4,8,8,8,8]",
         f"experiment.output_dir={tmp_path / 'runs'}", "train.max_steps=2", "train.val_every=2",
-        "train.labeled_batch=2", f"train.unlabeled_batch={2 if 'protodiff' in config.stem else 0}",
+        "train.labeled_batch=2", f"train.unlabeled_batch={2 if semi else 0}",
         "train.accelerator=cpu", "train.progress_bar=false", "eval.overlay_cases=0",
     ])
     train(cfg, log=lambda *_: None)
@@ -526,7 +529,7 @@ def test_config_that_does_not_fit_the_data_is_named_before_training(tmp_path, ov
     _endoscapes(root)
     config = Path(__file__).resolve().parents[1] / "configs" / "endoscapes" / "supervised_full.yaml"
     cfg = load_config(config, [f"data.root={root}", "data.patch_size=[16,32]", "data.num_workers=0",
-                               "data.labeled=0.5", f"experiment.output_dir={tmp_path / 'runs'}",
+                               "data.labeled=1", f"experiment.output_dir={tmp_path / 'runs'}",
                                "train.accelerator=cpu", *override])
     with pytest.raises(ConfigError, match=key) as err:
         train(cfg, log=lambda *_: None)

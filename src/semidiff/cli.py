@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reader", default="auto",
                    help="auto | acdc | la | pancreas | brats | h5caselist | synthetic | endoscapes | mosxav | nnunet")
     q.add_argument("--num-classes", type=int, default=None)
+    q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a reader option as in a config's data.reader_options, e.g. treat_as_ignore=[7] "
+                        "(value read as YAML); repeatable")
     q = dsub.add_parser("prepare", help="convert a raw public download to the layout its reader reads "
                                         "(deterministic, with a sha256 manifest)")
     q.add_argument("dataset", choices=["la", "acdc"])
@@ -321,6 +324,13 @@ def cmd_data(args) -> int:
         raise SemidiffError(f"{root}: dataset folder not found")
     name = _auto_reader(root) if args.reader == "auto" else args.reader
     kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SemidiffError(f"--option {item!r}: expected KEY=VALUE, e.g. treat_as_ignore=[7]")
+        import yaml
+
+        kwargs[key.strip()] = yaml.safe_load(value)
     report = inspect_dataset(create_reader(name, root, **kwargs))
     print(f"reader: {name}")
     print(report.format())

@@ -51,8 +51,11 @@ class DataConfig(_Section):
         description="Hold out this many groups (int) or this fraction of the training list for "
         "validation, for datasets without a validation split (LA, Pancreas).",
     )
-    labeled: float = Field(default=1.0, gt=0, description="N labeled cases/patients, or a fraction.")
-    labeled_unit: Literal["cases", "patients", "fraction"] = "cases"
+    labeled: float = Field(default=1.0, gt=0, description="N labeled cases/patients/videos, or a fraction.")
+    labeled_unit: Literal["cases", "patients", "videos", "fraction"] = Field(
+        default="cases",
+        description="patients and videos both count whole groups (the reader's CaseRef.group), in list order; "
+        "videos names them for frame datasets (EndoScapes, MOSXAV)")
     labeled_rule: Literal["first", "random"] = "first"
     patch_size: list[int] = Field(default_factory=lambda: [96, 96])
     resample_factor: float = Field(default=1.0, gt=0, le=1.0)

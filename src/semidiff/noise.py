@@ -41,6 +41,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from semidiff.data.record import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from semidiff.config import NoiseConfig
 
@@ -316,5 +318,8 @@ class LabeledMaskNoise:
         """The case's label map, corrupted if the case is one of ``noisy_ids`` (a new array)."""
         if case_id not in self._noisy:
             return label
-        return apply_noise(self.spec, label, self.num_classes, spatial_dims=None,
-                           generator=case_seed(self.spec.seed, case_id))
+        # Not-annotated pixels (255) are no class to corrupt: noise acts on the rest, they stay ignored.
+        ignored = label == IGNORE_INDEX
+        noisy = apply_noise(self.spec, np.where(ignored, 0, label).astype(label.dtype), self.num_classes,
+                            spatial_dims=None, generator=case_seed(self.spec.seed, case_id))
+        return np.where(ignored, label, noisy).astype(label.dtype) if ignored.any() else noisy

@@ -15,6 +15,15 @@ Layout of the official release::
 Labeled items are the frames with a mask (``semseg/``, or the COCO instance annotations with
 ``mask_source="coco"``); unlabeled items are the other frames of the training videos. The group of
 every item is its video, so frames of one video never cross splits.
+
+The Seg50 subset alone (``train_seg/``, ``val_seg/``, ``semseg/``, ``*_seg_vids.txt``; no ``train/``,
+no COCO files) is read as it is: every training frame then has a mask, and a semi-supervised run makes
+the frames of the videos after the first ``data.labeled`` ones unlabeled (their masks are dropped
+before any method sees them, engine/data.py). :meth:`EndoscapesReader.describe` says what was found.
+
+Mask value 255 marks pixels that were not annotated: it is kept as
+:data:`~semidiff.data.record.IGNORE_INDEX` (no loss, no metric there). Any other value outside the
+classes is an error naming the mask file, unless ``treat_as_ignore`` declares it.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from semidiff.data.image_io import normalize, read_image, read_label_png
-from semidiff.data.record import Case, CaseRef, check_label_values
+from semidiff.data.record import IGNORE_INDEX, Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
 
 __all__ = ["ENDOSCAPES_CLASSES", "EndoscapesReader", "read_video_list"]
@@ -105,6 +114,7 @@ class EndoscapesReader:
         mask_source: str = "semseg",
         channels: int = 3,
         normalize: str = "minmax",
+        treat_as_ignore: list[int] | tuple[int, ...] = (),
     ) -> None:
         """Create a reader; checks the root folder and the options.
 
@@ -123,6 +133,8 @@ class EndoscapesReader:
             channels: 3 [default] RGB, or 1 grey.
             normalize: intensity scaling per frame and channel, ``"minmax"`` [default], ``"zscore"``
                 or ``"none"`` (use the same value as ``data.normalize`` for ``semidiff predict``).
+            treat_as_ignore: mask values outside the classes to read as not annotated (255) instead
+                of refusing the file, e.g. ``[7]`` for the one Seg50 validation mask that holds 7.
 
         Raises:
             DataError: the root folder is missing.
@@ -142,6 +154,12 @@ class EndoscapesReader:
         if labeled_videos != "seg" and not (self.root / labeled_videos).is_dir():
             raise ConfigError(f"labeled_videos={labeled_videos!r}: no fold folder {self.root / labeled_videos} "
                               "(use 'seg' or an official fold such as '12_5/train_0' or '25/train_1')")
+        extra = sorted({int(v) for v in treat_as_ignore})
+        bad = [v for v in extra if 0 <= v < num_classes or v == IGNORE_INDEX or not 0 <= v <= 255]
+        if bad:
+            raise ConfigError(f"treat_as_ignore: {bad} must be 8-bit values other than the class ids "
+                              f"0..{num_classes - 1} and {IGNORE_INDEX} (already ignored)")
+        self.treat_as_ignore = extra
         self.num_classes = int(num_classes)
         self.class_names = list(ENDOSCAPES_CLASSES[:num_classes])
         self.labeled_videos = labeled_videos
@@ -259,7 +277,9 @@ class EndoscapesReader:
         return self._coco[split]
 
     def cases(self, split: str) -> list[CaseRef]:
-        """The labeled frames of a split's (labeled) videos, ordered by video then frame.
+        """The labeled frames of a split's (labeled) videos, in the video list's order, then by frame.
+
+        List order makes "the first N videos" (``data.labeled_unit: videos``) those of the list file.
 
         Raises:
             ConfigError: unknown split.
@@ -267,18 +287,19 @@ class EndoscapesReader:
         """
         if split not in _SPLITS:
             raise ConfigError(f"unknown EndoScapes split {split!r}; known splits: {list(_SPLITS)}")
-        videos = set(self._labeled_video_set(split))
+        rank = {v: i for i, v in enumerate(dict.fromkeys(self._labeled_video_set(split)))}
         masked = self._masked_frames(split)
         frames = self._frame_index(split)
         refs = []
-        for fid in sorted((f for f in masked if _video_of(f) in videos), key=_frame_key):
+        for fid in sorted((f for f in masked if _video_of(f) in rank),
+                          key=lambda f: (rank[_video_of(f)], _frame_key(f))):
             self._labels[fid] = masked[fid]
             # A mask without its frame keeps the expected path, so load() names it.
             path = frames.get(fid, self.root / f"{split}_seg" / f"{fid}.jpg")
             refs.append(CaseRef(case_id=fid, path=str(path), group=_video_of(fid)))
         if not refs and split == "train" and self.labeled_videos != "seg":
             raise DataError(self.root / self.labeled_videos,
-                            f"none of the fold's {len(videos)} videos has {self.mask_source} masks "
+                            f"none of the fold's {len(rank)} videos has {self.mask_source} masks "
                             "(only the Seg50 videos of train_seg_vids.txt do): empty labeled set")
         return refs
 
@@ -304,6 +325,28 @@ class EndoscapesReader:
             for fid in sorted(frames, key=_frame_key)
             if _video_of(fid) in videos and fid not in masked
         ]
+
+    def describe(self) -> list[str]:
+        """What this folder holds and lacks, one line each (``data inspect`` and ``train`` print them).
+
+        Cheap: lists files, reads no image.
+        """
+        lines = []
+        for split in self.splits():
+            refs = self.cases(split)
+            videos = self._labeled_video_set(split)
+            lines.append(f"{split}: {len(videos)} videos listed, {len(refs)} frames with {self.mask_source} masks "
+                         f"in {len({r.group for r in refs})} of them")
+        if "train" in self.splits():
+            lines.append(f"train: {len(self.unlabeled_cases('train'))} frames without a mask "
+                         f"(unlabeled_source={self.unlabeled_source})")
+        absent = [name for name in ("train/", "val/", "test/", "train_vids.txt", "train_seg/annotation_coco.json",
+                                    "12_5/", "25/", "test_seg_vids.txt") if not (self.root / name.rstrip("/")).exists()]
+        if absent:
+            lines.append("not present: " + ", ".join(absent) + " (without train/ the unlabeled frames are those of "
+                         "training videos left unlabeled by data.labeled; without the COCO files only "
+                         "mask_source=semseg works)")
+        return lines
 
     # -- loading -------------------------------------------------------------------------------
     def _label_source(self, fid: str) -> tuple[str, object] | None:
@@ -360,7 +403,14 @@ class EndoscapesReader:
             if raw.shape != image.shape[1:]:
                 raise DataError(source, f"mask shape {tuple(raw.shape)} differs from frame {ref.path} "
                                         f"shape {tuple(image.shape[1:])}")
-            label = check_label_values(raw, set(range(self.num_classes)), source)
+            if self.treat_as_ignore:
+                raw = np.where(np.isin(raw, self.treat_as_ignore), IGNORE_INDEX, raw)
+            try:
+                label = check_label_values(raw, set(range(self.num_classes)), source, ignore_index=IGNORE_INDEX)
+            except DataError as exc:
+                raise DataError(exc.path, f"{exc.problem} ({IGNORE_INDEX} = not annotated; declare another value "
+                                          "as not annotated with reader_options.treat_as_ignore)") from None
             meta["label_file"] = source
+            meta["ignore_index"] = IGNORE_INDEX  # evaluation leaves these pixels out
         return Case(case_id=ref.case_id, image=image, label=label, spacing=None, group=ref.group,
                     source=ref.path, meta=meta)

@@ -53,6 +53,10 @@ class SplitSummary:
         label_values: label values seen over the split.
         spacings: distinct voxel spacings (None when the format stores none).
         groups: distinct groups (patients, or the cases themselves).
+        ignore_index: the value the reader marks not-annotated pixels with, None if it marked none.
+        ignore_pixels: pixels carrying ``ignore_index``, over the split.
+        ignore_cases: cases with at least one such pixel.
+        labeled: cases that loaded with a label.
     """
 
     listed: int = 0
@@ -62,6 +66,10 @@ class SplitSummary:
     label_values: set[int] = field(default_factory=set)
     spacings: set[tuple[float, ...] | None] = field(default_factory=set)
     groups: int = 0
+    ignore_index: int | None = None
+    ignore_pixels: int = 0
+    ignore_cases: int = 0
+    labeled: int = 0
 
     def add_shape(self, shape: tuple[int, ...]) -> None:
         """Widen the shape range by one image shape (shapes of another rank are skipped)."""
@@ -83,6 +91,7 @@ class InspectReport:
         spatial_dims: the reader's training dimensionality.
         splits: split name -> summary.
         problems: one line per problem, each starting with the file it concerns.
+        notes: what the reader found and what it lacks (its ``describe()``), one line each.
     """
 
     name: str
@@ -91,6 +100,7 @@ class InspectReport:
     spatial_dims: int
     splits: dict[str, SplitSummary] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -103,6 +113,7 @@ class InspectReport:
             (f"dataset {self.name} at {self.root}: {self.num_classes} classes, "
              f"{self.spatial_dims}D training items")
         ]
+        lines += [f"  {note}" for note in self.notes]
         if not self.splits:
             lines.append("  no split lists found")
         for split, s in self.splits.items():
@@ -115,6 +126,9 @@ class InspectReport:
                 f"image shapes {s.shape_min} .. {s.shape_max}, "
                 f"label values {sorted(s.label_values)}, spacing {spacing or '-'}"
             )
+            if s.ignore_index is not None:
+                lines.append(f"    not annotated (label {s.ignore_index}, left out of losses and metrics): "
+                             f"{s.ignore_pixels} pixels in {s.ignore_cases} of {s.labeled} labeled cases")
         if self.problems:
             lines.append(f"{len(self.problems)} problem(s):")
             lines += [f"  {p}" for p in self.problems]
@@ -155,6 +169,11 @@ def inspect_dataset(reader, splits: list[str] | None = None) -> InspectReport:
         report.problems.append(_describe(exc, report.root))
         return report
 
+    if hasattr(reader, "describe"):
+        try:
+            report.notes = list(reader.describe())
+        except SemidiffError as exc:
+            report.problems.append(_describe(exc, report.root))
     seen_groups: dict[str, str] = {}  # group -> first split it appeared in
     jobs: list[tuple[str, str]] = [(s, s) for s in names]
     if hasattr(reader, "unlabeled_cases") and "train" in names:
@@ -193,7 +212,14 @@ def inspect_dataset(reader, splits: list[str] | None = None) -> InspectReport:
             summary.add_shape(tuple(int(s) for s in case.image.shape))
             summary.spacings.add(case.spacing)
             if case.label is not None:
+                summary.labeled += 1
                 summary.label_values |= _label_values(case.label)
+                ignore = case.meta.get("ignore_index")
+                if ignore is not None:
+                    summary.ignore_index = int(ignore)
+                    n = int(np.count_nonzero(case.label == ignore))
+                    summary.ignore_pixels += n
+                    summary.ignore_cases += int(n > 0)
         summary.groups = len(groups)
     return report
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Label value of pixels that were not annotated (EndoScapes' 255, MOSXAV's test "others"): no loss,
+#: no metric and no pseudo-label target is computed on them (methods/losses.py, evaluation/metrics.py).
+IGNORE_INDEX = 255
+
 
 @dataclass(frozen=True)
 class CaseRef:

@@ -16,7 +16,7 @@ from semidiff.errors import ConfigError
 
 __all__ = ["groups_in_order", "holdout", "select_labeled"]
 
-_UNITS = ("cases", "patients", "fraction")
+_UNITS = ("cases", "patients", "videos", "fraction")
 _RULES = ("first", "random")
 
 
@@ -66,16 +66,16 @@ def select_labeled(
     Args:
         refs: the training list, in list order.
         labeled: how many: a number of cases (``unit="cases"``), a number of groups
-            (``unit="patients"``), or a fraction of the groups in (0, 1] (``unit="fraction"``,
-            rounded to the nearest whole number of groups).
-        unit: ``"cases"``, ``"patients"`` or ``"fraction"``.
+            (``unit="patients"`` or ``"videos"``, the same rule named for the data), or a fraction of
+            the groups in (0, 1] (``unit="fraction"``, rounded to the nearest whole number of groups).
+        unit: ``"cases"``, ``"patients"``, ``"videos"`` or ``"fraction"``.
         rule: ``"first"`` (the literature's: the first N in list order) or ``"random"``
             (N drawn with ``seed``).
         seed: seed of the ``"random"`` rule.
 
     Returns:
-        ``(labeled, unlabeled)``, both keeping the order of ``refs``. With ``"patients"`` and
-        ``"fraction"`` every ref of a chosen group is labeled.
+        ``(labeled, unlabeled)``, both keeping the order of ``refs``. With ``"patients"``, ``"videos"``
+        and ``"fraction"`` every ref of a chosen group is labeled.
 
     Raises:
         ConfigError: unknown unit or rule, an empty labeled set, or more than are available.
@@ -94,7 +94,7 @@ def select_labeled(
         mask = [k in chosen for k in keys]
     else:
         groups = groups_in_order(refs)
-        what = "patients" if unit == "patients" else "groups"
+        what = unit if unit in ("patients", "videos") else "groups"
         n = _count(labeled, len(groups), what, fraction=unit == "fraction")
         chosen = _choose(groups, n, rule, seed)
         mask = [r.group in chosen for r in refs]

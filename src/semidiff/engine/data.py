@@ -40,6 +40,10 @@ class Splits:
             "labeled": [r.case_id for r in self.labeled],
             "unlabeled_count": len(self.unlabeled),
             "val": [r.case_id for r in self.val],
+            # Groups (patients, videos) per side: a video-level split shows here that none is on two sides.
+            "labeled_groups": list(dict.fromkeys(r.group for r in self.labeled)),
+            "unlabeled_groups": list(dict.fromkeys(r.group for r in self.unlabeled)),
+            "val_groups": list(dict.fromkeys(r.group for r in self.val)),
         }
         if self.noisy_labeled:
             out["noisy_labeled"] = list(self.noisy_labeled)
@@ -111,6 +115,10 @@ class TrainItems(Dataset):
         if index in self._cases:
             return self._cases[index]
         case = load_resampled(self.reader, self.refs[index], self.factor)
+        if index >= self.num_labeled and case.label is not None:
+            # An unlabeled item of an annotated dataset (the frames of the videos left unlabeled):
+            # its mask is dropped here, before caching, so no method can ever receive it.
+            case = replace(case, label=None)
         if self.label_noise is not None and index < self.num_labeled:
             case = replace(case, label=self.label_noise(case.case_id, case.label))
         if self.cache:

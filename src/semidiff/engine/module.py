@@ -231,7 +231,9 @@ class SemidiffModule(L.LightningModule):
     def validation_step(self, case, batch_idx):
         probs = predict_image(self.method.predict, self.cfg, case.image, self.device)
         pred = labels_from_probs(self.cfg, probs)
-        metrics = case_metrics(pred, case.label, self.cfg.model.num_classes, empty_rule=self.cfg.eval.empty_rule)
+        # Not-annotated pixels (reader's meta["ignore_index"]) count in no metric, as in evaluate().
+        metrics = case_metrics(pred, case.label, self.cfg.model.num_classes, empty_rule=self.cfg.eval.empty_rule,
+                               ignore_index=case.meta.get("ignore_index"))
         self._val_records.append({"case_id": case.case_id, "metrics": metrics})
         if batch_idx < self.cfg.eval.overlay_cases:
             self._val_images.append(overlay_row(case, pred))

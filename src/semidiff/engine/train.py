@@ -148,6 +148,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
     if rank_zero:
         (run_dir / "splits.json").write_text(json.dumps(data.splits.summary(), indent=1))
     log(f"run folder: {run_dir}")
+    for line in (data.reader.describe() if hasattr(data.reader, "describe") else []):
+        log(f"data found: {line}")  # what the dataset folder holds and lacks (EndoScapes)
     log(f"data: {len(data.splits.labeled)} labeled, "
         f"{len(data.splits.unlabeled) if data.uses_unlabeled else 0} unlabeled used, "
         f"{len(data.splits.val)} validation cases")

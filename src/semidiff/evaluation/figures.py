@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from semidiff.data.record import IGNORE_INDEX
+
 __all__ = [
     "CLASS_COLOURS",
     "DPI",
@@ -106,7 +108,7 @@ def overlay_rgb(image: np.ndarray, mask: np.ndarray | None, alpha: float = _ALPH
         mask = np.asarray(mask)
         if mask.shape != rgb.shape[:2]:
             raise ValueError(f"mask shape {mask.shape} differs from image shape {rgb.shape[:2]}")
-        fg = mask != 0
+        fg = (mask != 0) & (mask != IGNORE_INDEX)  # not-annotated pixels stay uncoloured, not a class colour
         colours = label_to_rgb(mask).astype(np.float64) / 255.0
         rgb[fg] = (1.0 - alpha) * rgb[fg] + alpha * colours[fg]
     return (rgb * 255.0 + 0.5).astype(np.uint8)

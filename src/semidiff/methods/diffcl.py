@@ -53,7 +53,7 @@ from semidiff.methods.common import (
     require_unlabeled,
     softmax_probs,
 )
-from semidiff.methods.losses import ce_loss, seg_loss
+from semidiff.methods.losses import ce_loss, seg_loss, without_ignored
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
 from semidiff.nets.hfm import add_hfm
 
@@ -465,7 +465,8 @@ class DiffCL(Method):
                 # DS -> CS: DDIM pseudo-labels with S_pl steps (sample_ds runs without gradient).
                 probs_peer = self.sample_ds(x_u, o.pl_steps, eval_mode=o.ds_sample_mode == "eval")
                 # DS on labeled (true label) and unlabeled (CS's label) images in one pass.
-                target = torch.cat([y_l.long(), plab_cs])
+                # Not-annotated pixels enter the label input as background; seg_loss weighs them 0.
+                target = torch.cat([without_ignored(y_l.long())[0], plab_cs])
                 t = self.diffusion.sample_timesteps(len(x), x.device, final_share=o.ds_image_only_share)
                 y_t, _ = self.diffusion.q_sample(self.diffusion.encode(target), t)
                 logits_peer = self.ds(x, y_t, t)

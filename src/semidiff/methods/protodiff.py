@@ -60,7 +60,7 @@ from semidiff.methods.common import (
     require_unlabeled,
     steps_from,
 )
-from semidiff.methods.losses import seg_loss
+from semidiff.methods.losses import seg_loss, without_ignored
 from semidiff.nets import create_net
 from semidiff.nets.protodiff_net import ProtoDiffNet
 
@@ -501,11 +501,13 @@ class ProtoDiff(Method):
     def training_step(self, labeled, unlabeled, progress: Progress) -> dict[str, Tensor]:
         o = self.options
         x_l, y_l = labeled["image"], labeled["label"].long()
+        # Not-annotated pixels: background in the label latent, weight 0 in every loss and prototype.
+        y_l_filled, valid_l = without_ignored(y_l)
         x_u = require_unlabeled(unlabeled, self.name)
         n_l = len(x_l)
         self._pending = None
         if progress.step < o.warmup_length(progress.max_steps):
-            z_t, t = self.noisy_latent(self.student, y_l)
+            z_t, t = self.noisy_latent(self.student, y_l_filled)
             logits, _ = self.student(x_l, z_t, t)
             loss_sup = seg_loss(logits, y_l)
             zero = torch.zeros((), device=loss_sup.device)
@@ -526,7 +528,7 @@ class ProtoDiff(Method):
         hidden_mask = None if mask is None else (grid(mask) > 0.5).float()
         hidden_t_s = cutmix(hidden_t[n_l:], hidden_mask)
         # 3. Student on labeled + strong views, diffusion targets from ground truth / pseudo-labels.
-        z_t, t = self.noisy_latent(net, torch.cat([y_l, plab_s]))
+        z_t, t = self.noisy_latent(net, torch.cat([y_l_filled, plab_s]))
         logits, hidden_s = net(torch.cat([x_l, x_s]), z_t, t)
         loss_sup = seg_loss(logits[:n_l], y_l)
         confident = (conf_s >= o.confidence_threshold).float()
@@ -541,15 +543,15 @@ class ProtoDiff(Method):
         protos = self.prototypes.clone()
         with record_function(profiling.CONTRAST):
             if o.uses_infonce:
-                labels_h = torch.cat([grid(y_l), grid(plab_s)]).round().long()
-                weights_h = torch.cat([torch.ones_like(grid(y_l)), grid(conf_s)])
+                labels_h = torch.cat([grid(y_l_filled), grid(plab_s)]).round().long()
+                weights_h = torch.cat([(grid(valid_l) > 0.5).float(), grid(conf_s)])
                 loss_nce = prototype_infonce(hidden_s, labels_h, weights_h, protos, ready, o.temperature,
                                              o.pixels_per_class)
             if o.uses_consistency:
                 loss_cons = prototype_kl(hidden_s[n_l:], hidden_t_s, protos, ready, o.temperature)
             loss_proto = loss_nce + o.consistency_weight * loss_cons
             if o.prototype_loss != "none":
-                self._pending = self._prototype_sums(hidden_t, y_l, plab_u, conf_u)
+                self._pending = self._prototype_sums(hidden_t, y_l_filled, valid_l, plab_u, conf_u)
         # 5. Total.
         ramp = o.ramp(progress)
         u_weight, p_weight = o.lambda_u * ramp, o.lambda_p * ramp
@@ -560,11 +562,15 @@ class ProtoDiff(Method):
                 "p_weight": torch.tensor(p_weight, device=loss.device),
                 "conf_ratio": conf_ratio.detach(), "prototypes_ready": ready.sum().float()}
 
-    def _prototype_sums(self, hidden_t: Tensor, y_l: Tensor, plab_u: Tensor, conf_u: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-class sums of the teacher's normalised features for the next prototype update."""
+    def _prototype_sums(self, hidden_t: Tensor, y_l: Tensor, valid_l: Tensor, plab_u: Tensor,
+                        conf_u: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-class sums of the teacher's normalised features for the next prototype update.
+
+        ``y_l`` has its not-annotated pixels filled; ``valid_l`` (1 where annotated) leaves them out.
+        """
         o, grid, n_l = self.options, self.student.to_hidden_grid, len(y_l)
         labels = grid(y_l).round().long()
-        weights = torch.ones_like(labels, dtype=torch.float32)
+        weights = (grid(valid_l) > 0.5).float()
         if o.prototype_unlabeled_weight > 0:
             # Unlabeled pixels: the teacher's own (unmixed) pseudo-labels, confident ones only.
             conf = grid(conf_u)
