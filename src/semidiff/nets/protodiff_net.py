@@ -41,7 +41,7 @@ from semidiff.errors import ConfigError
 from semidiff.nets.blocks import NORMALIZATIONS, crop_to, pad_to_multiple
 from semidiff.nets.registry import register_net
 
-__all__ = ["EncodedImage", "ProtoDiffNet", "protodiff_net"]
+__all__ = ["EncodedImage", "LabelLatent", "ProtoDiffNet", "protodiff_net"]
 
 _N_LEVELS = 5
 _ACT = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})  # as MONAI's BasicUNet
@@ -84,7 +84,65 @@ def _groups(*channels: int, preferred: int = 8) -> int:
     return max(g for g in range(1, preferred + 1) if all(c % g == 0 for c in channels))
 
 
-class ProtoDiffNet(nn.Module):
+class LabelLatent:
+    """What ProtoDiff's networks share: the padded and latent grids, the label latent, the timestep
+    embedding and ``forward``. A network sets ``spatial_dims``, ``num_classes``, ``size_divisor``,
+    ``feature_stride``, ``label_scale``, ``label_embedding``, ``time_embed_dim`` and ``time_mlp``,
+    and implements ``encode`` and ``decode``."""
+
+    # ---- grids ---------------------------------------------------------------------------------
+    def padded_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The spatial size the input is zero-padded to (a multiple of ``size_divisor`` on every axis)."""
+        d = self.size_divisor
+        return tuple(-(-int(s) // d) * d for s in spatial)
+
+    def latent_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Spatial size of ``F`` and of the label latent for an input of size ``spatial``."""
+        return tuple(s // self.feature_stride for s in self.padded_shape(spatial))
+
+    def to_latent_grid(self, values: Tensor) -> Tensor:
+        """Resize a (B, k, *spatial) map to the feature grid: pad like the image, then nearest.
+
+        Labels, confidences and masks go through this, so they stay aligned with ``F``.
+        """
+        padded = pad_to_multiple(values.float(), self.size_divisor)
+        if self.feature_stride == 1:
+            return padded
+        # nearest-exact samples the centre of each stride-sized block rather than its corner.
+        return F.interpolate(padded, size=self.latent_shape(values.shape[2:]), mode="nearest-exact")
+
+    # ---- label latent --------------------------------------------------------------------------
+    def embed(self, label: Tensor) -> Tensor:
+        """Label map -> label latent ``z0 = s * (2 * sigmoid(E[y]) - 1)`` on the feature grid.
+
+        Args:
+            label: (B, 1, *spatial) integer class map at image resolution.
+
+        Returns:
+            (B, embed_dim, *latent_shape) float tensor with values in ``(-s, s)``.
+
+        Raises:
+            ValueError: A label value is outside ``[0, num_classes)``.
+        """
+        if label.ndim != self.spatial_dims + 2 or label.shape[1] != 1:
+            raise ValueError(f"label must be (B, 1, *spatial) with {self.spatial_dims} spatial axes, got {tuple(label.shape)}")
+        small = self.to_latent_grid(label).round().long()[:, 0]
+        if small.numel() and (int(small.min()) < 0 or int(small.max()) >= self.num_classes):
+            raise ValueError(f"label values must be in [0, {self.num_classes}), got [{int(small.min())}, {int(small.max())}]")
+        z = torch.sigmoid(self.label_embedding(small)).movedim(-1, 1)
+        return self.label_scale * (2.0 * z - 1.0)
+
+    # ---- forward -------------------------------------------------------------------------------
+    def time_embedding(self, t: Tensor) -> Tensor:
+        """(B,) integer timesteps -> (B, time_embed_dim) embedding (sinusoidal, then MLP)."""
+        return self.time_mlp(get_timestep_embedding(t, self.time_embed_dim).to(self.time_mlp[0].weight.dtype))
+
+    def forward(self, image: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``decode(encode(image), z_t, t)``: logits (B, C, *spatial) and the hidden map ``h``."""
+        return self.decode(self.encode(image), z_t, t)
+
+
+class ProtoDiffNet(LabelLatent, nn.Module):
     """Image encoder + label embedding + time-conditioned decoder, 2D or 3D.
 
     Args:
@@ -213,50 +271,9 @@ class ProtoDiffNet(nn.Module):
         self.classifier = Convolution(spatial_dims, dec[-1], num_classes, kernel_size=1, conv_only=True)
 
     # ---- grids ---------------------------------------------------------------------------------
-    def padded_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """The spatial size the input is zero-padded to (a multiple of 16 on every axis)."""
-        d = self.size_divisor
-        return tuple(-(-int(s) // d) * d for s in spatial)
-
-    def latent_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """Spatial size of ``F`` and of the label latent for an input of size ``spatial``."""
-        return tuple(s // self.feature_stride for s in self.padded_shape(spatial))
-
-    def to_latent_grid(self, values: Tensor) -> Tensor:
-        """Resize a (B, k, *spatial) map to the feature grid: pad like the image, then nearest.
-
-        Labels, confidences and masks go through this, so they stay aligned with ``F``.
-        """
-        padded = pad_to_multiple(values.float(), self.size_divisor)
-        if self.feature_stride == 1:
-            return padded
-        # nearest-exact samples the centre of each stride-sized block rather than its corner.
-        return F.interpolate(padded, size=self.latent_shape(values.shape[2:]), mode="nearest-exact")
-
     def to_hidden_grid(self, values: Tensor) -> Tensor:
         """Resize a (B, k, *spatial) map to the grid of the hidden map ``h`` (identity with skips)."""
         return values.float() if self.decoder_skips else self.to_latent_grid(values)
-
-    # ---- label latent --------------------------------------------------------------------------
-    def embed(self, label: Tensor) -> Tensor:
-        """Label map -> label latent ``z0 = s * (2 * sigmoid(E[y]) - 1)`` on the feature grid.
-
-        Args:
-            label: (B, 1, *spatial) integer class map at image resolution.
-
-        Returns:
-            (B, embed_dim, *latent_shape) float tensor with values in ``(-s, s)``.
-
-        Raises:
-            ValueError: A label value is outside ``[0, num_classes)``.
-        """
-        if label.ndim != self.spatial_dims + 2 or label.shape[1] != 1:
-            raise ValueError(f"label must be (B, 1, *spatial) with {self.spatial_dims} spatial axes, got {tuple(label.shape)}")
-        small = self.to_latent_grid(label).round().long()[:, 0]
-        if small.numel() and (int(small.min()) < 0 or int(small.max()) >= self.num_classes):
-            raise ValueError(f"label values must be in [0, {self.num_classes}), got [{int(small.min())}, {int(small.max())}]")
-        z = torch.sigmoid(self.label_embedding(small)).movedim(-1, 1)
-        return self.label_scale * (2.0 * z - 1.0)
 
     # ---- forward -------------------------------------------------------------------------------
     def encode(self, image: Tensor) -> EncodedImage:
@@ -280,10 +297,6 @@ class ProtoDiffNet(nn.Module):
             x = up(x, levels[_N_LEVELS - 2 - i])
         skips = levels[: self.feature_level] if self.decoder_skips else []
         return EncodedImage(features=x, skips=skips, spatial=spatial)
-
-    def time_embedding(self, t: Tensor) -> Tensor:
-        """(B,) integer timesteps -> (B, time_embed_dim) embedding (sinusoidal, then MLP)."""
-        return self.time_mlp(get_timestep_embedding(t, self.time_embed_dim).to(self.time_mlp[0].weight.dtype))
 
     def decode(self, encoded: EncodedImage, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """One denoising pass: class logits and the hidden map from ``F`` and the noisy latent.
@@ -318,9 +331,6 @@ class ProtoDiffNet(nn.Module):
         logits = F.interpolate(logits, size=padded, mode=mode, align_corners=False)
         return crop_to(logits, encoded.spatial), h
 
-    def forward(self, image: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``decode(encode(image), z_t, t)``: logits (B, C, *spatial) and the hidden map ``h``."""
-        return self.decode(self.encode(image), z_t, t)
 
 
 @register_net("protodiff_net")

@@ -15,18 +15,15 @@ per DDIM step, ``embed``), so the method uses either.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import Tensor, nn
 
 from semidiff.errors import ConfigError
 from semidiff.nets.blocks import SegmentationNet, crop_to, pad_to_multiple
 from semidiff.nets.hfm import skip_channels
-from semidiff.nets.protodiff_net import EncodedImage
+from semidiff.nets.protodiff_net import EncodedImage, LabelLatent
 from semidiff.nets.registry import create_net, register_net
 
 __all__ = ["ProtoDiffUNet", "protodiff_unet"]
@@ -35,7 +32,7 @@ __all__ = ["ProtoDiffUNet", "protodiff_unet"]
 DEFAULT_BACKBONE = {2: "unet2d", 3: "vnet"}
 
 
-class ProtoDiffUNet(nn.Module):
+class ProtoDiffUNet(LabelLatent, nn.Module):
     """A registry segmentation network with the label latent injected at one skip level.
 
     Args:
@@ -96,38 +93,9 @@ class ProtoDiffUNet(nn.Module):
             nn.init.zeros_(layer.bias)
 
     # ---- grids ---------------------------------------------------------------------------------
-    def padded_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """The spatial size the input is zero-padded to (a multiple of the backbone's divisor)."""
-        d = self.size_divisor
-        return tuple(-(-int(s) // d) * d for s in spatial)
-
-    def latent_shape(self, spatial: Sequence[int]) -> tuple[int, ...]:
-        """Spatial size of the label latent (the injection skip's grid) for an input of ``spatial``."""
-        return tuple(s // self.feature_stride for s in self.padded_shape(spatial))
-
-    def to_latent_grid(self, values: Tensor) -> Tensor:
-        """Resize a (B, k, *spatial) map to the latent grid: pad like the image, then nearest."""
-        padded = pad_to_multiple(values.float(), self.size_divisor)
-        return F.interpolate(padded, size=self.latent_shape(values.shape[2:]), mode="nearest-exact")
-
     def to_hidden_grid(self, values: Tensor) -> Tensor:
         """The hidden map ``h`` is at image resolution: values stay as they are (as float)."""
         return values.float()
-
-    # ---- label latent --------------------------------------------------------------------------
-    def embed(self, label: Tensor) -> Tensor:
-        """Label map (B, 1, *spatial) -> latent ``z0 = s * (2 * sigmoid(E[y]) - 1)`` on the latent grid.
-
-        Raises:
-            ValueError: A label value is outside ``[0, num_classes)`` or the shape is wrong.
-        """
-        if label.ndim != self.spatial_dims + 2 or label.shape[1] != 1:
-            raise ValueError(f"label must be (B, 1, *spatial) with {self.spatial_dims} spatial axes, got {tuple(label.shape)}")
-        small = self.to_latent_grid(label).round().long()[:, 0]
-        if small.numel() and (int(small.min()) < 0 or int(small.max()) >= self.num_classes):
-            raise ValueError(f"label values must be in [0, {self.num_classes}), got [{int(small.min())}, {int(small.max())}]")
-        z = torch.sigmoid(self.label_embedding(small)).movedim(-1, 1)
-        return self.label_scale * (2.0 * z - 1.0)
 
     # ---- forward -------------------------------------------------------------------------------
     def encode(self, image: Tensor) -> EncodedImage:
@@ -143,17 +111,13 @@ class ProtoDiffUNet(nn.Module):
         skip = encoded.features
         if z_t.shape[0] != skip.shape[0] or z_t.shape[2:] != skip.shape[2:] or z_t.shape[1] != self.embed_dim:
             raise ValueError(f"z_t must be (B, {self.embed_dim}, *{tuple(skip.shape[2:])}), got {tuple(z_t.shape)}")
-        emb = self.time_mlp(get_timestep_embedding(t, self.time_embed_dim).to(self.time_mlp[0].weight.dtype))
+        emb = self.time_embedding(t)
         bias = self.time_proj(emb).reshape(*emb.shape[:1], -1, *([1] * self.spatial_dims))
         skips = list(encoded.skips)
         skips[self.level] = skip + self.fuse(torch.cat([skip, z_t.to(skip.dtype)], dim=1)) + bias
         h = self.backbone.decode(self.backbone.transform_skips(skips))
         logits = self.backbone.classifier(h)
         return crop_to(logits, encoded.spatial), crop_to(h, encoded.spatial)
-
-    def forward(self, image: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``decode(encode(image), z_t, t)``."""
-        return self.decode(self.encode(image), z_t, t)
 
 
 @register_net("protodiff_unet")
