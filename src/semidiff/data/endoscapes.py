@@ -28,14 +28,18 @@ classes is an error naming the mask file, unless ``treat_as_ignore`` declares it
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from semidiff.data.image_io import normalize, read_image, read_label_png
+from semidiff.data.image_io import (
+    frame_reader_preprocessing,
+    normalize,
+    read_image,
+    read_label_png,
+)
 from semidiff.data.record import IGNORE_INDEX, Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
 
@@ -177,10 +181,7 @@ class EndoscapesReader:
     @classmethod
     def declared_preprocessing(cls, options: dict) -> dict:
         """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
-        default = inspect.signature(cls.__init__).parameters["normalize"].default
-        channels = options.get("channels", inspect.signature(cls.__init__).parameters["channels"].default)
-        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": None,  # 2D frames
-                "colour_to_grey": int(channels) == 1}
+        return frame_reader_preprocessing(cls, options)
 
     # -- video lists and frame index -------------------------------------------------------
     def splits(self) -> list[str]:

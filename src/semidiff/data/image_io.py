@@ -6,6 +6,7 @@ kept), Pillow for 2D PNG/JPEG/TIFF, h5py for the benchmark h5 files.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -383,3 +384,13 @@ def write_prediction(label: np.ndarray, source: LoadedImage, out_path: str | Pat
         img.save(tmp, format=Image.registered_extensions()[suffix_of(out_path)])
     os.replace(tmp, out_path)
     return out_path
+
+
+def frame_reader_preprocessing(reader_cls, options: dict) -> dict:
+    """``declared_preprocessing`` of a reader of raw 2D frames (EndoScapes, MOSXAV): nothing stored
+    normalised, the ``normalize`` option applied on load, colour made grey when ``channels`` is 1.
+    Option defaults are read from the reader's own signature."""
+    params = inspect.signature(reader_cls.__init__).parameters
+    channels = options.get("channels", params["channels"].default)
+    return {"on_load": options.get("normalize", params["normalize"].default), "stored": "none",
+            "volume_axes": None, "colour_to_grey": int(channels) == 1}

@@ -17,12 +17,16 @@ set of sequences, never of frames.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
 
-from semidiff.data.image_io import normalize, read_image, read_label_png
+from semidiff.data.image_io import (
+    frame_reader_preprocessing,
+    normalize,
+    read_image,
+    read_label_png,
+)
 from semidiff.data.record import Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
 
@@ -100,10 +104,7 @@ class MosxavReader:
     @classmethod
     def declared_preprocessing(cls, options: dict) -> dict:
         """Raw files, normalised on load with the ``normalize`` option; nothing stored normalised."""
-        default = inspect.signature(cls.__init__).parameters["normalize"].default
-        channels = options.get("channels", inspect.signature(cls.__init__).parameters["channels"].default)
-        return {"on_load": options.get("normalize", default), "stored": "none", "volume_axes": None,  # 2D frames
-                "colour_to_grey": int(channels) == 1}
+        return frame_reader_preprocessing(cls, options)
 
     @property
     def palette(self) -> list[int]:
