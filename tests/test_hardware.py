@@ -104,6 +104,43 @@ def test_trainings_share_the_cores_and_dead_ones_are_forgotten(tmp_path, monkeyp
     assert torch.get_num_threads() == 4  # the process's own setting comes back
 
 
+def test_share_reports_a_change_from_inside_a_lightning_fit(tmp_path, monkeypatch):
+    """Lightning sets every callback's ``log`` to the module's metric logger: a second training that
+    starts mid-fit must change the threads and be reported, not end the fit with a TypeError."""
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monkeypatch.setattr("semidiff.engine.threads.available_cores", lambda: 4)
+    torch.set_num_threads(4)
+    messages: list[str] = []
+    share = ThreadShare(folder=tmp_path, every=1, log=messages.append)
+    share.register()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert share.update() == 4  # alone when training starts
+        (tmp_path / str(sleeper.pid)).touch()  # then a second training starts
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+        trainer = L.Trainer(max_steps=2, callbacks=[share], logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(Tiny(), data)
+        assert torch.get_num_threads() == 2
+        assert messages == ["2 training(s) on 4 cores: 2 thread(s) for this one"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        share.unregister()
+
+
 def test_share_never_exceeds_the_threads_the_process_was_given(tmp_path, monkeypatch):
     monkeypatch.setattr("semidiff.engine.threads.available_cores", lambda: 8)
     torch.set_num_threads(1)  # e.g. OMP_NUM_THREADS=1 or a caller's choice

@@ -51,7 +51,8 @@ class ThreadShare(L.Callback):
         self.fixed = fixed
         self.every = max(1, int(every))
         self.folder = Path(folder) if folder else Path(tempfile.gettempdir()) / "semidiff-trainings"
-        self.log = log
+        # Not ``self.log``: Lightning overwrites every callback's ``log`` with the module's metric logger.
+        self.report = log
         self.entry: Path | None = None
         self.threads: int | None = None
         self.cap = torch.get_num_threads()
@@ -95,7 +96,7 @@ class ThreadShare(L.Callback):
         if threads != self.threads:
             torch.set_num_threads(threads)
             if self.threads is not None or running > 1:
-                self.log(f"{running} training(s) on {cores} cores: {threads} thread(s) for this one")
+                self.report(f"{running} training(s) on {cores} cores: {threads} thread(s) for this one")
             self.threads = threads
         return threads
 
