@@ -1,11 +1,15 @@
 """Typed configs: YAML + dotted overrides, errors that name the key, the saved resolved config."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from semidiff.config import config_from_dict, load_config
+from semidiff.engine.train import check_method_options
 from semidiff.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +31,6 @@ def test_overrides_parse_types_and_apply(tmp_path):
     ("train.max_steps=-3", "train.max_steps"),
     ("data.labeled_unit=slices", "data.labeled_unit"),
     ("nonsense.key=1", "nonsense"),
-    ("method.options.ema=0.9", "method.options.ema"),
 ])
 def test_bad_keys_and_types_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -35,9 +38,43 @@ def test_bad_keys_and_types_name_the_key(override, key):
     assert key in str(err.value)
 
 
+def test_bad_method_option_names_the_option_and_the_file():
+    path = REPO / "configs/acdc/supervised_reduced.yaml"
+    cfg = load_config(path, ["method.options.ema=0.9"])  # the method's own schema is not read here
+    with pytest.raises(ConfigError) as err:
+        check_method_options(cfg, str(path))
+    assert "method.options.ema: unknown key" in str(err.value) and str(path) in str(err.value)
+
+
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(ConfigError, match="known: .*supervised"):
-        load_config(None, ["method.name=nope"])
+    with pytest.raises(ConfigError, match="nowhere.yaml: .*known: .*supervised"):
+        check_method_options(load_config(None, ["method.name=nope"]), "nowhere.yaml")
+
+
+def test_train_with_a_bad_method_option_fails_before_the_run_folder(tmp_path, capsys):
+    """`semidiff train` checks the method's options up front: one line naming the option and the
+    file, exit code 2, nothing written."""
+    from semidiff.cli import main
+
+    runs = tmp_path / "runs"
+    code = main(["train", str(REPO / "configs/acdc/mean_teacher_reduced.yaml"), f"experiment.output_dir={runs}",
+                 "method.options.ema_decay=0.99", "method.options.emma=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "mean_teacher_reduced.yaml: invalid options for method 'mean_teacher'" in err
+    assert "method.options.emma: unknown key" in err
+    assert not runs.exists()
+
+
+def test_load_config_imports_neither_torch_nor_the_methods():
+    """Reading a YAML file is cheap: no torch, no MONAI, no method module (a fresh interpreter)."""
+    probe = ("import sys; from semidiff.config import load_config; "
+             f"cfg = load_config({str(REPO / 'configs/acdc/diffcl_reduced.yaml')!r}); "
+             "assert cfg.method.name == 'diffcl'; "
+             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('semidiff.methods', 'monai'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.strip() == "[]"
 
 
 def test_env_expansion_and_missing_file(tmp_path, monkeypatch):
@@ -64,5 +101,6 @@ def test_every_shipped_config_validates():
                 load_config(cell.config, list(cell.overrides))
             continue
         cfg = load_config(f)
+        check_method_options(cfg, str(f))
         # The form saved in run folders and checkpoints loads back to the identical config.
         assert config_from_dict(yaml.safe_load(cfg.to_yaml()), str(f)) == cfg

@@ -137,13 +137,15 @@ def _is_dataset(path: Path) -> bool:
 
 def cmd_plan(args) -> int:
     from semidiff.config import config_from_dict
+    from semidiff.engine.train import check_method_options
     from semidiff.plan import plan_dataset, render_config
 
     root = Path(args.dataset)
     if not _is_dataset(root):
         raise SemidiffError(f"{root}: not an nnU-Net-layout dataset (needs dataset.json and imagesTr/)")
     plan = plan_dataset(root, args.method, args.budget or "reduced", args.colour_to_grey)
-    config_from_dict(plan.tree, "planned config")  # what is written always loads
+    # What is written always loads and trains.
+    check_method_options(config_from_dict(plan.tree, "planned config"), "planned config")
     out = Path(args.output or f"{plan.tree['experiment']['name']}.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render_config(plan))
@@ -154,7 +156,7 @@ def cmd_plan(args) -> int:
 
 def cmd_train(args) -> int:
     from semidiff.config import apply_overrides, config_from_dict, load_config
-    from semidiff.engine.train import train
+    from semidiff.engine.train import check_method_options, train
 
     target = Path(args.config)
     resume = args.resume
@@ -168,7 +170,9 @@ def cmd_train(args) -> int:
         # One command from folder to model: the plan is printed and kept in the run folder.
         plan = plan_dataset(target, args.method, args.budget or "reduced", args.colour_to_grey)
         print(plan.format())
-        cfg = config_from_dict(apply_overrides(plan.tree, args.overrides), f"plan of {target} + overrides")
+        source = f"plan of {target} + overrides"
+        cfg = config_from_dict(apply_overrides(plan.tree, args.overrides), source)
+        check_method_options(cfg, source)
         train(cfg, resume=resume, overwrite=args.overwrite, extra_files={"plan.yaml": render_config(plan)})
         return 0
     if target.is_dir():
@@ -176,6 +180,7 @@ def cmd_train(args) -> int:
             raise SemidiffError(f"{target}: not a run folder (no config.yaml) nor a dataset (dataset.json, imagesTr/)")
         target, resume = target / "config.yaml", True
     cfg = load_config(target, args.overrides)
+    check_method_options(cfg, str(target))  # a bad method option fails here, before the run folder is made
     train(cfg, resume=resume, overwrite=args.overwrite)
     return 0
 
@@ -187,6 +192,7 @@ def cmd_eval(args) -> int:
     from semidiff.data.preprocessing import preprocessing_from_config
     from semidiff.engine.data import build_reader, build_splits
     from semidiff.engine.module import load_module
+    from semidiff.engine.train import check_method_options
     from semidiff.evaluation.evaluate import evaluate
 
     ckpt = _resolve_checkpoint(args.target, args.checkpoint)
@@ -194,6 +200,7 @@ def cmd_eval(args) -> int:
     cfg = module.cfg
     if args.overrides:
         cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), args.overrides), "checkpoint + overrides")
+        check_method_options(cfg, "checkpoint + overrides")
         module.method.override_eval_options(cfg.method.options)  # e.g. DDIM steps; weights stay as trained
     # Eval feeds the model through the reader: it must still make the input the checkpoint recorded.
     now = preprocessing_from_config(cfg)

@@ -275,16 +275,16 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "")
 
 
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
-    """Validate a raw tree, including the method's own options section."""
+    """Validate a raw tree against the shared schema.
+
+    ``method.name`` and ``method.options`` are typed by the method itself, so they are checked
+    where a training is set up (:func:`semidiff.engine.train.check_method_options`), not here:
+    loading a config imports neither torch nor any method.
+    """
     try:
-        cfg = Config.model_validate(tree)
+        return Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
-    # The method's options are typed by the method itself (registry), so check them here too.
-    from semidiff.methods import method_options
-
-    method_options(cfg.method.name, cfg.method.options)
-    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

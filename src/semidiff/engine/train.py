@@ -24,6 +24,7 @@ from semidiff.engine.threads import ThreadShare
 from semidiff.errors import ConfigError, DataError, SemidiffError
 from semidiff.evaluation.evaluate import evaluate
 from semidiff.hardware import resolve_precision
+from semidiff.methods import method_options
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -38,6 +39,19 @@ def check_output_dir(run_dir: Path) -> None:
     free = shutil.disk_usage(run_dir).free
     if free < 200 * 2**20:
         raise SemidiffError(f"{run_dir}: only {free / 2**20:.0f} MiB free on disk; need at least 200 MiB")
+
+
+def check_method_options(cfg: Config, source: str) -> None:
+    """Check ``method.name`` and ``method.options`` against the method's own schema, naming ``source``
+    (the config file) in the error.
+
+    ``load_config`` checks only the shared schema, so that reading a YAML file imports neither torch
+    nor the methods; every command that trains calls this before anything runs.
+    """
+    try:
+        method_options(cfg.method.name, cfg.method.options)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def checkpoint_path(run_dir: Path, which: str) -> Path:
