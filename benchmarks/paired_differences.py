@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semidiff.bench import collect
+from semidiff.report.collect import collect
 
 Dice = dict[tuple[str, float, str], dict[int, float]]  # (method, labeled, noise) -> seed -> mean Dice
 

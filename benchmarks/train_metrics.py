@@ -2,7 +2,7 @@
 
     python benchmarks/train_metrics.py RUN_DIR [RUN_DIR ...] [--steps 800:1000] [--keys loss_sup,conf_ratio]
 
-Reads each run's Lightning CSV log through ``semidiff.bench.read_logged_scalars`` (every
+Reads each run's Lightning CSV log through ``semidiff.report.collect.read_logged_scalars`` (every
 ``csv/version_N/metrics.csv`` of a resumed run, a step logged twice keeping its last value). The
 results notes quote numbers like "CS's supervised loss over steps 800-1000"; this is the command
 that gives them.
@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from semidiff.bench import read_logged_scalars
+from semidiff.report.collect import read_logged_scalars
 
 
 def window_means(run: Path, first: int, last: int) -> tuple[dict[str, float], int]:

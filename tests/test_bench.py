@@ -15,29 +15,22 @@ import numpy as np
 import pytest
 import yaml
 
-from semidiff.bench import (
-    Cell,
-    aggregate,
-    cell_done,
-    collect,
-    curve_runs,
-    finished_seconds,
-    grid_cells,
-    labels_only_row,
-    load_bench,
-    mean_std,
-    noise_panels,
-    read_logged_scalars,
-    record_mismatch,
-    run_bench,
-    time_left,
-    uses_unlabeled,
-    variant_labels,
-    write_report,
-)
+from semidiff.bench.records import record_mismatch
+from semidiff.bench.runner import finished_seconds, run_bench, time_left
+from semidiff.bench.spec import Cell, cell_done, grid_cells, load_bench
 from semidiff.cli import main
 from semidiff.data.synthetic import make_synthetic_dataset
 from semidiff.errors import ConfigError
+from semidiff.report.build import write_report
+from semidiff.report.collect import (
+    aggregate,
+    collect,
+    mean_std,
+    read_logged_scalars,
+    uses_unlabeled,
+    variant_labels,
+)
+from semidiff.report.figures import curve_runs, labels_only_row, noise_panels
 
 
 def _train_config(root: Path, method: str) -> dict:
@@ -426,7 +419,7 @@ def test_logged_scalars_follow_the_resume_order_of_the_csv_versions(tmp_path):
 
 
 def test_protocol_dates_are_a_range_when_many():
-    from semidiff.bench import _date_range
+    from semidiff.report.tables import _date_range
 
     protos = [{"date": f"2026-11-22 0{h}:00"} for h in (5, 3, 9, 3, 7)]
     assert _date_range(protos) == "2026-11-22 03:00 to 2026-11-22 09:00 (4 evaluations)"
@@ -434,11 +427,11 @@ def test_protocol_dates_are_a_range_when_many():
 
 
 def test_report_colours_are_distinct_and_variants_share_their_methods_hue():
-    from semidiff.bench import _colours
+    from semidiff.report.figures import row_colours
 
     names = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff",
              "bcp (u_weight=0)", "bcp (pretrain_steps=0.5)", "diffcl (peer=none)", "protodiff (lambda_u=0)"]
-    colours = _colours(names)
+    colours = row_colours(names)
     assert len(set(colours.values())) == len(names)
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
@@ -446,26 +439,26 @@ def test_report_colours_are_distinct_and_variants_share_their_methods_hue():
     tab20 = [to_hex(c) for c in colormaps["tab20"].colors]
     # bcp is tab20's dark shade 4 (index 8); its first variant the light shade of the same hue.
     assert colours["bcp"] == tab20[8] and colours["bcp (u_weight=0)"] == tab20[9]
-    assert _colours(names[:3]) == {"supervised": "C0", "mean_teacher": "C1", "ua_mt": "C2"}
+    assert row_colours(names[:3]) == {"supervised": "C0", "mean_teacher": "C1", "ua_mt": "C2"}
 
 
 def test_rows_past_twenty_share_colours_but_never_colour_and_marker_or_hatch():
-    from semidiff.bench import _colours, _hatches, _markers
+    from semidiff.report.figures import row_colours, row_hatches, row_markers
 
     names = ["supervised", "mean_teacher", "protodiff"] + [f"protodiff (option={i})" for i in range(20)]
-    colours = _colours(names)
+    colours = row_colours(names)
     assert len(set(colours.values())) == 20  # tab20 is exhausted: colours repeat
-    markers = _markers(colours)
+    markers = row_markers(colours)
     looks = {(colours[n], markers[n]) for n in names}
     assert len(looks) == len(names)
     assert markers["supervised"] == "o"  # the first row in a colour keeps the plain dot
-    hatches = _hatches(colours)
+    hatches = row_hatches(colours)
     assert len({(colours[n], hatches[n]) for n in names}) == len(names)
     assert hatches["supervised"] == ""  # and the plain bar
 
 
 def test_variant_rows_get_their_own_figure_beside_their_methods_default(tmp_path):
-    from semidiff.bench import is_variant, variant_groups
+    from semidiff.report.collect import is_variant, variant_groups
 
     runs = tmp_path / "runs"
     specs = [("supervised", 3, 0, {}, 0.40), ("supervised", 7, 0, {}, 0.60),

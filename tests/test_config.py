@@ -94,7 +94,7 @@ def test_every_shipped_config_validates():
     assert files
     for f in files:
         if f.parent.name == "bench":
-            from semidiff.bench import grid_cells, load_bench
+            from semidiff.bench.spec import grid_cells, load_bench
 
             spec, base = load_bench(f)
             for cell in grid_cells(spec, base, Path("/nonexistent")):  # each cell's overrides validate too

@@ -386,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return cmd_list(args)
         if args.command == "bench":
-            from semidiff.bench import run_bench
+            from semidiff.bench.runner import run_bench
 
             return 1 if run_bench(args.config, args.overrides) else 0
         if args.command == "report":
-            from semidiff.bench import report_from_config, write_report
+            from semidiff.bench.runner import report_from_config
+            from semidiff.report.build import write_report
 
             if Path(args.target).is_file():
                 report_from_config(args.target, args.overrides)
