@@ -104,3 +104,53 @@ def test_every_shipped_config_validates():
         check_method_options(cfg, str(f))
         # The form saved in run folders and checkpoints loads back to the identical config.
         assert config_from_dict(yaml.safe_load(cfg.to_yaml()), str(f)) == cfg
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_config_inherits_its_base_deep_merged_child_wins(tmp_path):
+    _write(tmp_path / "_base.yaml", "data: {reader: acdc, patch_size: [64, 64], labeled: 7}\n"
+                                    "train: {max_steps: 1000, lr: 0.01}\n"
+                                    "method: {name: mean_teacher, options: {consistency: 0.1, noise_std: 0.1}}\n")
+    child = _write(tmp_path / "sub" / "child.yaml",
+                   "base: ../_base.yaml\n"
+                   "data: {patch_size: [32, 32, 8]}\n"  # a list replaces the base's whole: no concatenation
+                   "train: {lr: 0.05}\n"
+                   "method: {options: {consistency: 1.0}}\n")
+    cfg = load_config(child)
+    assert cfg.data.reader == "acdc" and cfg.data.labeled == 7  # from the base
+    assert cfg.data.patch_size == [32, 32, 8]
+    assert (cfg.train.max_steps, cfg.train.lr) == (1000, 0.05)
+    assert cfg.method.name == "mean_teacher"
+    assert cfg.method.options == {"consistency": 1.0, "noise_std": 0.1}  # mappings merge key by key
+    # Overrides still win over both.
+    assert load_config(child, ["train.lr=0.2"]).train.lr == 0.2
+
+
+def test_config_bases_in_a_list_merge_in_order_and_nest(tmp_path):
+    _write(tmp_path / "_root.yaml", "experiment: {seed: 3}\ntrain: {max_steps: 10}\n")
+    _write(tmp_path / "_a.yaml", "base: _root.yaml\ntrain: {max_steps: 20, lr: 0.5}\n")
+    _write(tmp_path / "_b.yaml", "train: {max_steps: 30}\n")
+    cfg = load_config(_write(tmp_path / "c.yaml", "base: [_a.yaml, _b.yaml]\nexperiment: {name: c}\n"))
+    assert (cfg.train.max_steps, cfg.train.lr, cfg.experiment.seed, cfg.experiment.name) == (30, 0.5, 3, "c")
+    cfg = load_config(_write(tmp_path / "d.yaml", "base: [_b.yaml, _a.yaml]\n"))
+    assert cfg.train.max_steps == 20  # the later base wins
+
+
+def test_config_base_cycle_and_missing_base_name_the_file(tmp_path):
+    a = _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: [c.yaml]\n")
+    _write(tmp_path / "c.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: base a\.yaml makes a cycle: .*a\.yaml -> .*b\.yaml -> "
+                                          r".*c\.yaml -> .*a\.yaml"):
+        load_config(a)
+    with pytest.raises(ConfigError, match="self.yaml: base self.yaml makes a cycle"):
+        load_config(_write(tmp_path / "self.yaml", "base: self.yaml\n"))
+    with pytest.raises(ConfigError, match=r"child\.yaml: base _gone\.yaml not found"):
+        load_config(_write(tmp_path / "child.yaml", "base: _gone.yaml\ntrain: {lr: 0.1}\n"))
+    with pytest.raises(ConfigError, match=r"odd\.yaml: base: expected a file name"):
+        load_config(_write(tmp_path / "odd.yaml", "base: {x: 1}\n"))

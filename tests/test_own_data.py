@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from semidiff.cli import main
+from semidiff.config import read_config_tree
 from semidiff.data import create_reader
 from semidiff.data.fingerprint import ChannelStats, Fingerprint
 from semidiff.data.preprocessing import Preprocessing, read_model_input
@@ -32,7 +33,7 @@ RGB = {"0": "R", "1": "G", "2": "B"}
 
 
 def _config(dataset: str, method: str, budget: str) -> dict:
-    return yaml.safe_load((CONFIGS / dataset / f"{method}_{budget}.yaml").read_text())
+    return read_config_tree(CONFIGS / dataset / f"{method}_{budget}.yaml")  # its base merged in
 
 
 # ---------------------------------------------------------------- generated datasets --------

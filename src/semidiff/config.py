@@ -3,7 +3,8 @@
 A run is fully described by one :class:`Config`. ``load_config("configs/acdc/supervised.yaml",
 ["train.max_steps=2000", "data.labeled=7"])`` reads the YAML, applies the overrides (values parsed
 as YAML, so ``7`` is an int and ``[1,2]`` a list), and validates everything: unknown keys and
-wrong types are rejected with a :class:`~semidiff.errors.ConfigError` naming the key.
+wrong types are rejected with a :class:`~semidiff.errors.ConfigError` naming the key. A file may
+inherit another (``base: _reduced.yaml``) and hold only what differs: :func:`read_config_tree`.
 """
 
 from __future__ import annotations
@@ -287,23 +288,66 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(format_validation_error(exc, source)) from None
 
 
+def merge_trees(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` laid over ``base``: mappings merge key by key, at every depth; any other value of
+    the child (a number, a string, a list, null) replaces the base's whole, so a list is never
+    concatenated and a mapping can only add or change keys, not drop them."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_trees(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_tree(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw tree of a YAML config file, with its bases merged in and ``${VAR}`` expanded.
+
+    A file may name ``base: FILE`` or ``base: [FILE, ...]`` (paths relative to the file's folder):
+    the bases are read the same way (so they may have bases of their own), merged in order (a later
+    base wins over an earlier one) and the file's own keys laid over them (:func:`merge_trees`).
+    A base that is missing or that includes itself, directly or not, is a :class:`ConfigError`
+    naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(expand_env(path.read_text()))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    bases = tree.pop("base", None)
+    if bases is None:
+        return tree
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of file names, got {bases!r}")
+    chain = (*_chain, path.resolve())
+    merged: dict[str, Any] = {}
+    for name in bases:
+        base_path = path.parent / name
+        if base_path.resolve() in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(base_path.resolve()):], base_path.resolve()))
+            raise ConfigError(f"{path}: base {name} makes a cycle: {cycle}")
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base {name} not found ({base_path})")
+        merged = merge_trees(merged, read_config_tree(base_path, chain))
+    return merge_trees(merged, tree)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Read a YAML config (or the defaults when ``path`` is None), its bases merged in
+    (:func:`read_config_tree`), and apply dotted overrides."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(expand_env(path.read_text()))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        tree = loaded
+        tree = read_config_tree(path)
     apply_overrides(tree, [expand_env(o) for o in overrides or []])
     return config_from_dict(tree, source)

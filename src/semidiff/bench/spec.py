@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from semidiff.config import apply_overrides, format_validation_error
+from semidiff.config import apply_overrides, format_validation_error, read_config_tree
 from semidiff.errors import ConfigError
 
 
@@ -58,7 +58,7 @@ class BenchSpec(BaseModel):
         qualitative_cases: Validation cases shown in the qualitative panel.
         records: Optional folder, relative to the bench file, that keeps a record of every finished
             cell: what the report reads, without checkpoints or TensorBoard events (see
-            :func:`save_record`). A cell recorded there with the configuration it would train now
+            :func:`~semidiff.bench.records.save_record`). A cell recorded there with the configuration it would train now
             is not trained again, so a grid whose records are committed can be continued on
             another machine from a fresh checkout, and its report rebuilt there.
     """
@@ -178,7 +178,7 @@ def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
 
 def _makes_pseudo_labels(config: Path) -> bool:
     """Whether the training config's method learns from unlabeled data (supervised does not)."""
-    return config_uses_unlabeled(yaml.safe_load(config.read_text()) or {})
+    return config_uses_unlabeled(read_config_tree(config))  # its bases included
 
 
 def config_uses_unlabeled(tree: dict) -> bool:
