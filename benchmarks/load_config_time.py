@@ -36,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     times = []
     for i in range(args.repeat):
-        out = subprocess.run([sys.executable, "-c", _PROBE, args.config], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _PROBE, args.config], capture_output=True, text=True, check=False)
+        if out.returncode:
+            raise SystemExit(f"load_config({args.config}) failed:\n{out.stderr}")
         probe = json.loads(out.stdout.strip().splitlines()[-1])
         times.append(probe["seconds"])
         print(f"run {i + 1}: {probe['seconds']:.3f} s (torch imported: {probe['torch']}, "
