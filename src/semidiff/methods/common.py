@@ -205,6 +205,8 @@ class TeacherStudentMethod(Method):
         net = self.teacher if self.options.eval_model == "teacher" else self.student
         return softmax_probs(net, image)
 
+    exportable_when = "always"
+
     def export_net(self) -> nn.Module:
         """The network :meth:`predict` uses (student by default)."""
         return self.teacher if self.options.eval_model == "teacher" else self.student

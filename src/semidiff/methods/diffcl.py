@@ -427,6 +427,8 @@ class DiffCL(Method):
             return ds_probs
         return 0.5 * (softmax_probs(self.cs, image) + ds_probs)
 
+    exportable_when = "test_output cs (its CS)"
+
     def export_net(self) -> nn.Module | None:
         """CS when it alone gives the default prediction; None for the DS or mean outputs."""
         return self.cs if self.options.test_output == "cs" else None

@@ -193,6 +193,7 @@ class ProtoDiff(Method):
     Options = ProtoDiffOptions
     options: ProtoDiffOptions
     uses_unlabeled = True
+    supported_nets = NET_NAMES
     #: ``predict`` outputs: DDIM with ``sampling_steps`` steps (the default), or with 1, 3, 5 steps.
     outputs: ClassVar[tuple[str, ...]] = ("ddim", "ddim_s1", "ddim_s3", "ddim_s5")
     eval_options: ClassVar[tuple[str, ...]] = ("sampling_steps", "sample_seed")
