@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from typing import ClassVar
 
 import pytest
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from semidiff.config import NoiseConfig
 from semidiff.data.readers import READERS
+from semidiff.data.record import IGNORE_INDEX
 from semidiff.data.transforms import block_mask, cutmix, intensity_jitter, random_blur
 from semidiff.errors import ConfigError
 from semidiff.methods import (
@@ -44,6 +46,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_CLASSES = 3
 MAX_STEPS = 4
+#: The names of supervised terms in a training step's parts (Diff-CL: loss_c_sup, loss_d_sup).
+SUPERVISED_PART = re.compile(r"loss(_\w+)?_sup")
 #: Steps before the checkpoint of the resume check: odd, so FIFO pointers and the like are not back
 #: at 0, and at the switch from BCP's pre-training and ProtoDiff's warm-up (FAST_OPTIONS).
 RESUME_AT = 1
@@ -225,6 +229,27 @@ def check_unlabeled_required(name: str) -> None:
         method.training_step(batch()[0], None, Progress(MAX_STEPS - 1, MAX_STEPS))
 
 
+def check_not_annotated_labels(name: str) -> None:
+    """Labels that are IGNORE_INDEX everywhere give every supervised term (``loss_sup``,
+    ``loss_<x>_sup``) exactly 0, diffusion label inputs and prototypes included; a partly
+    annotated batch trains with finite parts."""
+    method = tiny_method(name)
+    labeled, unlabeled = batch()
+    unlabeled = unlabeled if method.uses_unlabeled else None
+    late = Progress(MAX_STEPS - 1, MAX_STEPS)  # past BCP's pre-training and ProtoDiff's warm-up
+    parts = method.training_step({**labeled, "label": torch.full_like(labeled["label"], IGNORE_INDEX)}, unlabeled,
+                                 late)
+    supervised = [k for k in parts if SUPERVISED_PART.fullmatch(k)]
+    assert supervised, f"{name}: no supervised part (loss_sup or loss_<x>_sup) in {sorted(parts)}"
+    assert all(parts[k].item() == 0.0 for k in supervised), {k: parts[k].item() for k in supervised}
+    method.on_step_end(Progress(MAX_STEPS, MAX_STEPS))
+    partly = labeled["label"].clone()
+    partly[..., :5, :] = IGNORE_INDEX
+    parts = method.training_step({**labeled, "label": partly}, unlabeled, late)
+    assert all(torch.isfinite(v).all() for v in parts.values()) and parts["loss"].requires_grad
+    parts["loss"].backward()
+
+
 def check_export_declaration(name: str) -> None:
     """``exportable_when`` (the export message) agrees with what ``export_net`` gives by default."""
     method = tiny_method(name)
@@ -236,7 +261,7 @@ def check_export_declaration(name: str) -> None:
 
 
 CHECKS = (check_training_step, check_predict, check_resume, check_noise_hook, check_options_round_trip,
-          check_unlabeled_required, check_export_declaration)
+          check_unlabeled_required, check_not_annotated_labels, check_export_declaration)
 
 
 # ---- the suite over the registry ----------------------------------------------------------------
@@ -276,6 +301,11 @@ def test_missing_unlabeled_batch_is_a_clear_error(name):
 
 
 @pytest.mark.parametrize("name", registered_methods())
+def test_not_annotated_pixels_never_count(name):
+    check_not_annotated_labels(name)
+
+
+@pytest.mark.parametrize("name", registered_methods())
 def test_export_declaration_matches_export_net(name):
     check_export_declaration(name)
 
@@ -286,7 +316,7 @@ def test_suite_covers_every_registered_method(request):
     for item in request.session.items:
         if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params:
             collected.setdefault(item.originalname, set()).add(item.callspec.params["name"])
-    if len(collected) < 8:
+    if len(collected) < 9:
         pytest.skip("only part of the suite was selected")
     assert all(names == set(list_methods()) for names in collected.values()), collected
     assert {"supervised", "mean_teacher"} <= set(list_methods())  # the registry is filled on import
