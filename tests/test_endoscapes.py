@@ -17,7 +17,7 @@ from semidiff.config import load_config
 from semidiff.data import create_reader, inspect_dataset
 from semidiff.data.record import IGNORE_INDEX, Case
 from semidiff.errors import ConfigError, DataError
-from semidiff.methods import NetSpec, create_method
+from semidiff.methods import NetSpec, Progress, create_method
 from semidiff.methods.bcp import region_losses
 from semidiff.methods.losses import ce_loss, seg_loss
 
@@ -181,7 +181,23 @@ def test_bcp_copy_paste_keeps_ignored_pixels_ignored():
 
 
 # Every method with labels not annotated anywhere or in part:
-# test_method_conformance.py::test_not_annotated_pixels_never_count
+# test_method_conformance.py::test_not_annotated_pixels_never_count (ProtoDiff there on its own
+# network; here on the shared backbone, with RGB frames and EndoScapes' 7 classes).
+def test_protodiff_on_the_shared_backbone_takes_not_annotated_labels():
+    torch.manual_seed(0)
+    spec = NetSpec("protodiff_unet", 3, 7, 2, {"backbone_options": {"features": [4, 8, 8, 8, 8]}})
+    method = create_method("protodiff", spec, {})
+    image, unlabeled = torch.randn(2, 3, 16, 32), {"image": torch.randn(2, 3, 16, 32)}
+    progress = Progress(9, 10)  # past the warm-up
+    parts = method.training_step({"image": image, "label": torch.full((2, 1, 16, 32), IGNORE_INDEX)}, unlabeled,
+                                 progress)
+    assert parts["loss_sup"].item() == 0.0
+    method.on_step_end(Progress(10, 10))
+    partly = torch.randint(0, 7, (2, 1, 16, 32))
+    partly[..., :5, :] = IGNORE_INDEX
+    parts = method.training_step({"image": image, "label": partly}, unlabeled, progress)
+    assert all(torch.isfinite(v).all() for v in parts.values()) and parts["loss"].requires_grad
+    parts["loss"].backward()
 
 
 def test_protodiff_prototypes_leave_not_annotated_pixels_out():
