@@ -166,42 +166,20 @@ def test_ua_mt_threshold_ramps_to_ln_c():
     assert m.uncertainty_threshold(Progress(100, 100)) == pytest.approx(math.log(4))
 
 
-# ---- every method trains in 2D and 3D -----------------------------------------------------------
-@pytest.mark.parametrize("dims,n_l,n_u", [(2, 2, 2), (3, 1, 1)])
+# ---- what each baseline logs (training, prediction, resume, noise hook: test_method_conformance) --
 @pytest.mark.parametrize("name", BASELINES)
-def test_method_trains_and_predicts(name, dims, n_l, n_u):
+def test_each_baseline_logs_its_parts(name):
     torch.manual_seed(0)
-    method = create_method(name, _spec(dims), {})
-    assert method.uses_unlabeled
-    trainable = [p for p in method.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(trainable, lr=0.01, momentum=0.9)
-    start = [p.detach().clone() for p in trainable]
-    labeled, unlabeled = _batch(dims, n_l, n_u)
+    method = create_method(name, _spec(2), {})
+    labeled, unlabeled = _batch(2, 2, 2)
     max_steps = 5  # BCP: pre-training is step 0 (0.2 * 5), self-training from step 1
-    for step in range(3):
+    for step in range(2):
         parts = method.training_step(labeled, unlabeled, Progress(step, max_steps))
         assert set(parts) == PARTS[name]
-        assert all(torch.isfinite(v).all() and v.ndim == 0 for v in parts.values())
-        opt.zero_grad()
-        parts["loss"].backward()
-        opt.step()
-        method.on_step_end(Progress(step + 1, max_steps))
         if name == "bcp":
             assert parts["stage"].item() == (0.0 if step == 0 else 1.0)
-    assert any(not torch.equal(a, p) for a, p in zip(start, trainable))
-    method.eval()
-    image = labeled["image"][:1]
-    probs = method.predict(image)
-    assert probs.shape == (1, 3, *image.shape[2:])
-    torch.testing.assert_close(probs.sum(1), torch.ones(1, *image.shape[2:]))
-
-
-@pytest.mark.parametrize("name", BASELINES)
-def test_method_without_unlabeled_batch_is_a_clear_error(name):
-    method = create_method(name, _spec(2), {})
-    labeled, _ = _batch(2, 2, 0)
-    with pytest.raises(ConfigError, match="unlabeled_batch"):
-        method.training_step(labeled, None, Progress(10, 10))
+        parts["loss"].backward()
+        method.on_step_end(Progress(step + 1, max_steps))
 
 
 def test_teacher_methods_evaluate_the_student_or_the_teacher():

@@ -110,6 +110,7 @@ def test_methods_without_a_single_network_are_refused(tmp_path, data2d, capsys):
     err = capsys.readouterr().err
     assert "cps_mean" in err or "final.ckpt" in err
     assert "no single-network output" in err
+    assert "Exportable: " in err and "cps with eval_model a or b" in err  # listed from the registry
     assert not list(tmp_path.glob("x*"))
     # cps with its default (network A) exports.
     ckpt_a = _train(tmp_path, data2d, "cps_a", "cps")

@@ -11,7 +11,7 @@ from torch import nn
 from semidiff import nets
 from semidiff.errors import ConfigError
 from semidiff.nets import create_net, list_nets, register_net
-from semidiff.nets.blocks import crop_to, pad_to_multiple
+from semidiff.nets.blocks import SegmentationNet, crop_to, pad_to_multiple
 
 # Small widths keep the tests fast; the structure (levels, blocks) is the full one.
 SMALL: dict[str, dict[str, Any]] = {
@@ -29,6 +29,17 @@ ODD_SHAPES: dict[str, tuple[int, ...]] = {
     "unet2d": (30, 42),
     "unet3d": (17, 20, 9),
 }
+ODD_SHAPE_BY_DIMS = {2: (30, 42), 3: (20, 18, 12)}  # a network not named above
+
+
+def segmentation_nets() -> list[str]:
+    """The registered plain segmenters (image -> logits, ``SegmentationNet``); ProtoDiff's networks
+    also take a label latent and have their own tests."""
+    return [n for n in list_nets() if isinstance(create_net(n, 1, 2, **SMALL.get(n, {})), SegmentationNet)]
+
+
+def _odd_shape(name: str, net: nn.Module) -> tuple[int, ...]:
+    return ODD_SHAPES.get(name) or ODD_SHAPE_BY_DIMS[net.spatial_dims]
 
 
 @pytest.fixture(autouse=True)
@@ -38,13 +49,14 @@ def _seed() -> None:
 
 def test_every_expected_net_is_registered() -> None:
     assert {"vnet", "unet2d", "unet3d"} <= set(list_nets())
+    assert set(segmentation_nets()) >= {"vnet", "unet2d", "unet3d"}
     assert list_nets() == sorted(list_nets())
 
 
-@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+@pytest.mark.parametrize("name", segmentation_nets())
 def test_shapes_features_and_attributes(name: str) -> None:
-    net = create_net(name, 1, 3, **SMALL[name])
-    spatial = ODD_SHAPES[name]
+    net = create_net(name, 1, 3, **SMALL.get(name, {}))
+    spatial = _odd_shape(name, net)
     assert net.spatial_dims == len(spatial)
     x = torch.randn(2, 1, *spatial)
     logits = net(x)
@@ -55,19 +67,19 @@ def test_shapes_features_and_attributes(name: str) -> None:
     assert torch.isfinite(logits).all() and torch.isfinite(feats).all()
 
 
-@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+@pytest.mark.parametrize("name", segmentation_nets())
 def test_features_are_the_classifier_input(name: str) -> None:
-    net = create_net(name, 1, 2, **SMALL[name]).eval()
-    x = torch.randn(1, 1, *(16,) * len(ODD_SHAPES[name]))
+    net = create_net(name, 1, 2, **SMALL.get(name, {})).eval()
+    x = torch.randn(1, 1, *(16,) * net.spatial_dims)
     with torch.no_grad():
         logits, feats = net(x, return_features=True)
         torch.testing.assert_close(net.classifier(feats), logits)
 
 
-@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+@pytest.mark.parametrize("name", segmentation_nets())
 def test_gradients_reach_every_parameter(name: str) -> None:
-    net = create_net(name, 2, 2, **SMALL[name])
-    x = torch.randn(2, 2, *(16,) * len(ODD_SHAPES[name]))
+    net = create_net(name, 2, 2, **SMALL.get(name, {}))
+    x = torch.randn(2, 2, *(16,) * net.spatial_dims)
     logits, feats = net(x, return_features=True)
     (logits.square().mean() + feats.mean()).backward()
     for pname, p in net.named_parameters():
@@ -78,10 +90,10 @@ def test_gradients_reach_every_parameter(name: str) -> None:
             assert p.grad.abs().sum() > 0, f"{name}: zero gradient for {pname}"
 
 
-@pytest.mark.parametrize("name", ["vnet", "unet2d", "unet3d"])
+@pytest.mark.parametrize("name", sorted(DROPOUT_ON))  # how to turn dropout on is per network
 def test_dropout_is_stochastic_in_train_and_off_in_eval(name: str) -> None:
     net = create_net(name, 1, 2, **SMALL[name], **DROPOUT_ON[name])
-    x = torch.randn(2, 1, *(16,) * len(ODD_SHAPES[name]))
+    x = torch.randn(2, 1, *(16,) * net.spatial_dims)
     net.train()
     with torch.no_grad():
         assert not torch.allclose(net(x), net(x))
@@ -207,7 +219,7 @@ def test_register_net_adds_a_factory_and_rejects_clashes() -> None:
         with pytest.raises(ValueError, match="already registered"):
             register_net("_tiny_test_net")(lambda i, o: nn.Identity())
     finally:
-        registry._REGISTRY.pop("_tiny_test_net", None)
+        registry.NETS.unregister("_tiny_test_net")
 
 
 def test_pad_and_crop_round_trip() -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "ExportedModel",
     "ProbabilityNet",
     "export_checkpoint",
+    "exportable_methods",
     "is_exported_file",
     "load_exported",
 ]
@@ -256,6 +257,18 @@ def _export_onnx(head: nn.Module, example: Tensor, path: Path, metadata: dict) -
         tmp.unlink(missing_ok=True)
 
 
+def exportable_methods() -> str:
+    """The registered methods ``semidiff export`` can export, and on which options (from the registry)."""
+    from semidiff.methods import METHODS
+
+    parts = []
+    for name in METHODS.names():
+        when = METHODS[name].exportable_when
+        if when is not None:
+            parts.append(name if when == "always" else f"{name} with {when}")
+    return ", ".join(parts)
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     formats: str | list[str] = "both",
@@ -293,9 +306,7 @@ def export_checkpoint(
     if net is None:
         raise SemidiffError(
             f"{checkpoint}: method {cfg.method.name!r} (with these options) has no single-network "
-            f"output to export: {method.export_refusal()}. "
-            "Exportable: supervised, mean_teacher, ua_mt, bcp, cps with eval_model a or b, "
-            "diffcl with test_output cs (its CS)"
+            f"output to export: {method.export_refusal()}. Exportable: {exportable_methods()}"
         )
     if "onnx" in wanted:
         _import_onnx()  # fail before writing anything

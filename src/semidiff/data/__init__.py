@@ -1,12 +1,11 @@
 """Dataset readers, synthetic data, labeled/unlabeled splits, batch sampling and transforms.
 
-Every reader yields :class:`CaseRef` lists per split and loads validated :class:`Case` records;
-:func:`create_reader` builds one by name.
+Every reader implements :class:`DatasetReader`: :class:`CaseRef` lists per split and validated
+:class:`Case` records; :func:`create_reader` builds one by name from :data:`READERS`, which every
+reader module fills with :func:`register_reader` (importing this package imports them all).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from semidiff.data.endoscapes import EndoscapesReader
 from semidiff.data.h5_acdc import ACDCReader
@@ -26,6 +25,14 @@ from semidiff.data.inspect import (
 )
 from semidiff.data.mosxav import MosxavReader
 from semidiff.data.nnunet import NnUNetReader
+from semidiff.data.readers import (
+    READERS,
+    DatasetReader,
+    ReaderWithUnlabeled,
+    create_reader,
+    list_readers,
+    register_reader,
+)
 from semidiff.data.record import Case, CaseRef
 from semidiff.data.sampler import TwoStreamBatchSampler
 from semidiff.data.splits import groups_in_order, holdout, select_labeled
@@ -37,7 +44,7 @@ from semidiff.data.transforms import (
     resize_to,
     train_transforms,
 )
-from semidiff.errors import ConfigError
+from semidiff.registry import import_submodules
 
 __all__ = [
     "BRATS_LAYOUT",
@@ -47,11 +54,13 @@ __all__ = [
     "ACDCReader",
     "Case",
     "CaseRef",
+    "DatasetReader",
     "EndoscapesReader",
     "H5CaseListReader",
     "InspectReport",
     "MosxavReader",
     "NnUNetReader",
+    "ReaderWithUnlabeled",
     "SplitSummary",
     "TwoStreamBatchSampler",
     "case_to_item",
@@ -60,10 +69,12 @@ __all__ = [
     "groups_in_order",
     "holdout",
     "inspect_dataset",
+    "list_readers",
     "make_synthetic_dataset",
     "open_synthetic",
     "read_h5_case",
     "read_id_list",
+    "register_reader",
     "resample_to_shape",
     "resample_volume",
     "resize_to",
@@ -71,53 +82,5 @@ __all__ = [
     "train_transforms",
 ]
 
-# Reader names accepted by create_reader (and hence by configs).
-def _preset(layout: dict, name: str):
-    """An h5caselist reader with a literature layout's defaults (any of them can be overridden)."""
-
-    def make(root, **kwargs):
-        return H5CaseListReader(root, **{**layout, "name": name, **kwargs})
-
-    make.__name__ = f"{name}_reader"
-    make.declared_preprocessing = lambda options: H5CaseListReader.declared_preprocessing({**layout, **options})
-    return make
-
-
-READERS = {
-    "acdc": ACDCReader,
-    "h5caselist": H5CaseListReader,
-    "synthetic": open_synthetic,
-    "la": _preset(LA_LAYOUT, "la"),
-    "pancreas": _preset(PANCREAS_LAYOUT, "pancreas"),
-    "brats": _preset(BRATS_LAYOUT, "brats"),
-    "endoscapes": EndoscapesReader,
-    "mosxav": MosxavReader,
-    "nnunet": NnUNetReader,
-}
-
-
-def create_reader(name: str, root: str | Path, **kwargs):
-    """Build a reader by name.
-
-    Args:
-        name: ``"acdc"``, ``"h5caselist"``, ``"synthetic"`` (an h5caselist reader whose
-            layout, dimensionality and classes come from the folder's ``dataset.json``),
-            ``"la"``/``"pancreas"``/``"brats"`` (h5caselist with that layout's preset),
-            ``"endoscapes"``, ``"mosxav"`` or ``"nnunet"`` (the user's own data).
-        root: dataset folder.
-        **kwargs: passed to the reader (e.g. ``num_classes``, ``path_pattern``, ``lists``).
-
-    Returns:
-        The reader.
-
-    Raises:
-        ConfigError: unknown name or keyword argument.
-        DataError: the dataset folder (or, for synthetic, its dataset.json) is missing.
-    """
-    if name not in READERS:
-        raise ConfigError(f"unknown dataset reader {name!r}; known readers: {sorted(READERS)}")
-    try:
-        return READERS[name](root, **kwargs)
-    except TypeError as exc:
-        # Misspelled config keys land here; say which reader rejected them.
-        raise ConfigError(f"bad options for the {name!r} reader {sorted(kwargs)}: {exc}") from exc
+# Every module here registers the readers it defines: a new reader is one new file in this package.
+import_submodules(__name__, __path__)

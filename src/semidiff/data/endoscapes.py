@@ -40,6 +40,7 @@ from semidiff.data.image_io import (
     read_image,
     read_label_png,
 )
+from semidiff.data.readers import register_reader
 from semidiff.data.record import IGNORE_INDEX, Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
 
@@ -91,6 +92,7 @@ def _video_of(frame_id: str) -> str:
     return frame_id.split("_", 1)[0]
 
 
+@register_reader("endoscapes")
 class EndoscapesReader:
     """EndoScapes2023 frames as labeled/unlabeled 2D cases.
 

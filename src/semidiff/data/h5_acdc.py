@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from semidiff.data.h5_caselist import read_h5_case, read_id_list
+from semidiff.data.readers import register_reader
 from semidiff.data.record import Case, CaseRef
 from semidiff.errors import ConfigError, DataError
 
@@ -31,6 +32,7 @@ def _patient(case_id: str) -> str:
     return case_id.split("_", 1)[0]
 
 
+@register_reader("acdc")
 class ACDCReader:
     """ACDC as preprocessed by SSL4MIS.
 

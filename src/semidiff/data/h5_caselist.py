@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from semidiff.data.image_io import check_voxel_count
+from semidiff.data.readers import register_reader
 from semidiff.data.record import Case, CaseRef
 from semidiff.errors import ConfigError, DataError
 
@@ -215,6 +216,7 @@ def read_h5_case(
     )
 
 
+@register_reader("h5caselist")
 class H5CaseListReader:
     """One HDF5 file per case, split lists as text files (UA-MT LA, Pancreas, BraTS layouts).
 
@@ -324,3 +326,19 @@ class H5CaseListReader:
             image_key=self.image_key,
             label_key=self.label_key,
         )
+
+
+def _preset(layout: dict, name: str):
+    """An h5caselist reader with a literature layout's defaults (any of them can be overridden)."""
+
+    def make(root: str | Path, **kwargs) -> H5CaseListReader:
+        return H5CaseListReader(root, **{**layout, "name": name, **kwargs})
+
+    make.__name__ = make.__qualname__ = f"{name}_reader"  # one qualified name per preset in the registry
+    make.declared_preprocessing = lambda options: H5CaseListReader.declared_preprocessing({**layout, **options})
+    return make
+
+
+register_reader("la")(_preset(LA_LAYOUT, "la"))
+register_reader("pancreas")(_preset(PANCREAS_LAYOUT, "pancreas"))
+register_reader("brats")(_preset(BRATS_LAYOUT, "brats"))

@@ -27,6 +27,7 @@ from semidiff.data.image_io import (
     read_image,
     read_label_png,
 )
+from semidiff.data.readers import register_reader
 from semidiff.data.record import Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
 
@@ -39,6 +40,7 @@ MOSXAV_DEFAULT_PALETTE = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128,
 _SPLIT_PART = {"train": "trainval", "val": "trainval", "test": "test"}
 
 
+@register_reader("mosxav")
 class MosxavReader:
     """MOSXAV frames as labeled (annotated) and unlabeled 2D cases, split by sequence.
 

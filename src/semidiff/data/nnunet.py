@@ -39,6 +39,7 @@ from semidiff.data.image_io import (
     read_label_png,
     suffix_of,
 )
+from semidiff.data.readers import register_reader
 from semidiff.data.record import Case, CaseRef, check_label_values
 from semidiff.errors import ConfigError, DataError
 
@@ -151,6 +152,7 @@ def read_case_channels(first: str | Path, num_channels: int, volume_axes: str = 
     return out
 
 
+@register_reader("nnunet")
 class NnUNetReader:
     """The nnU-Net folder layout, with unlabeled images from a folder or a list.
 

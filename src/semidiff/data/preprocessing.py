@@ -41,6 +41,7 @@ from semidiff.data.image_io import (
     read_image,
     suffix_of,
 )
+from semidiff.data.readers import READERS
 from semidiff.errors import ConfigError, DataError
 
 __all__ = [
@@ -136,8 +137,6 @@ class Preprocessing:
 
 def _declaration(reader: str, options: dict[str, Any]) -> dict[str, Any]:
     """The reader's own statement of what its files carry and what it applies on load."""
-    from semidiff.data import READERS
-
     factory = READERS.get(reader)
     declare = getattr(factory, "declared_preprocessing", None)
     if declare is None:  # a reader without a declaration: h5-like, the config says everything

@@ -26,6 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from semidiff.data.h5_caselist import H5CaseListReader
+from semidiff.data.readers import register_reader
 from semidiff.errors import ConfigError, DataError
 
 __all__ = ["SYNTHETIC_PATH_PATTERN", "make_synthetic_dataset", "open_synthetic", "synthetic_case"]
@@ -299,6 +300,7 @@ def make_synthetic_dataset(
     return root
 
 
+@register_reader("synthetic")
 def open_synthetic(root: str | Path, **overrides) -> H5CaseListReader:
     """Reader for a folder written by :func:`make_synthetic_dataset`.
 

@@ -1,9 +1,15 @@
-"""Training augmentation and the resizing helpers shared by training and evaluation.
+"""Training augmentation, the batch augmentations methods share, and the resizing helpers.
 
 Items are dictionaries with ``"image"`` ``(C, *spatial)`` and, for labeled items, ``"label"``
 ``(1, *spatial)``; unlabeled items simply have no ``"label"`` key. Training resizes 2D slices
 with :func:`resize_to`'s exact interpolation (image bilinear, label nearest), so that
 evaluation, which resizes each slice with :func:`resize_to`, sees what training saw.
+
+The batch augmentations (:func:`input_noise`, :func:`intensity_jitter`, :func:`random_blur`,
+:func:`block_mask`, :func:`mix`, :func:`cutmix`) work on ``(B, C, *spatial)`` tensors inside a
+method's training step, in 2D and 3D alike, and draw only from torch's global RNG, which the
+engine seeds from (seed, step): a resumed run replays the same views. A FixMatch-style method takes
+its weak and strong views from here, not from another method's file.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from monai.networks.layers import GaussianFilter
 from monai.transforms import (
     CastToTyped,
     Compose,
@@ -28,12 +35,19 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.utils import convert_to_tensor
+from torch import Tensor
 
 from semidiff.data.record import Case
 from semidiff.errors import ConfigError
 
 __all__ = [
+    "block_mask",
     "case_to_item",
+    "cutmix",
+    "input_noise",
+    "intensity_jitter",
+    "mix",
+    "random_blur",
     "resample_to_shape",
     "resample_volume",
     "resize_to",
@@ -224,3 +238,117 @@ def resample_to_shape(array: np.ndarray | torch.Tensor, shape: Sequence[int], is
         Same kind and dtype as ``array``.
     """
     return _resize(array, shape, is_label)
+
+
+# ---- batch augmentations shared by methods (B, C, *spatial) ---------------------------------------
+def _per_item(x: Tensor) -> tuple[int, ...]:
+    """Shape broadcasting one value per batch item over (B, C, *spatial)."""
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def input_noise(x: Tensor, std: float, clip: float) -> Tensor:
+    """``clamp(N(0, std^2), -clip, clip)`` noise shaped like ``x`` (UA-MT / SSL4MIS: 0.1, 0.2)."""
+    if std <= 0:
+        return torch.zeros_like(x)
+    return torch.clamp(torch.randn_like(x) * std, -clip, clip)
+
+
+def intensity_jitter(x: Tensor, contrast: float, brightness: float) -> Tensor:
+    """Random contrast and brightness per image: ``(x - mean) * c + mean + b * std``.
+
+    ``c ~ U(1 - contrast, 1 + contrast)`` and ``b ~ U(-brightness, brightness)``; the shift is in
+    units of the image's own standard deviation, so it means the same on min-max scaled (ACDC) and
+    z-scored (LA) images.
+    """
+    if contrast <= 0 and brightness <= 0:
+        return x
+    dims = tuple(range(1, x.ndim))
+    mean = x.mean(dim=dims, keepdim=True)
+    std = x.std(dim=dims, keepdim=True)
+    c = 1.0 + contrast * (2.0 * torch.rand(_per_item(x), device=x.device) - 1.0)
+    b = brightness * (2.0 * torch.rand(_per_item(x), device=x.device) - 1.0)
+    return (x - mean) * c + mean + b * std
+
+
+def random_blur(x: Tensor, prob: float, sigma_range: tuple[float, float]) -> Tensor:
+    """Gaussian blur (MONAI ``GaussianFilter``) of each image with probability ``prob``.
+
+    ``sigma ~ U(sigma_range)`` in voxels, one per image, the same on every axis.
+    """
+    if prob <= 0:
+        return x
+    spatial_dims = x.ndim - 2
+    chosen = torch.rand(len(x)) < prob
+    sigmas = torch.empty(len(x)).uniform_(*sigma_range)
+    out = [
+        GaussianFilter(spatial_dims, float(s)).to(x.device)(x[i : i + 1]) if bool(c) else x[i : i + 1]
+        for i, (c, s) in enumerate(zip(chosen, sigmas))
+    ]
+    return torch.cat(out)
+
+
+def block_mask(
+    spatial_shape: tuple[int, ...] | torch.Size,
+    ratio: float = 2.0 / 3.0,
+    device: torch.device | str | None = None,
+    centered: bool = False,
+) -> Tensor:
+    """A 0/1 mask with one axis-aligned block of ones, for copy-paste mixing.
+
+    The block's side along each axis is ``int(ratio * size)`` (BCP: 2/3). Its position is uniform
+    over all positions that keep the block inside the image (BCP draws a random corner; its
+    ``randint(0, size - side)`` excludes the last position, we include it), or centred with
+    ``centered=True``. One mask is drawn per call and shared by the whole batch, as in BCP.
+
+    Args:
+        spatial_shape: The image's spatial size (2 or 3 values).
+        ratio: Block side as a fraction of each axis, in (0, 1].
+        device: Device of the mask.
+        centered: Put the block in the centre instead of at a random position.
+
+    Returns:
+        (1, 1, *spatial_shape) float mask, 1 inside the block, 0 outside.
+
+    Raises:
+        ValueError: If ``ratio`` is outside (0, 1].
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"block ratio must be in (0, 1], got {ratio!r}")
+    mask = torch.zeros((1, 1, *spatial_shape), device=device)
+    index: list[slice] = [slice(None), slice(None)]
+    for size in spatial_shape:
+        side = max(1, int(size * ratio))
+        if centered:
+            start = (size - side) // 2
+        else:
+            start = int(torch.randint(0, size - side + 1, (1,)).item())
+        index.append(slice(start, start + side))
+    mask[tuple(index)] = 1.0
+    return mask
+
+
+def mix(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
+    """``a * mask + b * (1 - mask)`` for a binary mask, dtype-preserving (images and labels).
+
+    Args:
+        a: Values inside the mask (e.g. the pasted block's source).
+        b: Values outside the mask (the background image).
+        mask: 0/1 mask broadcastable to ``a`` (e.g. from :func:`block_mask`).
+    """
+    return torch.where(mask > 0.5, a, b)
+
+
+def cutmix(values: Tensor, mask: Tensor | None) -> Tensor:
+    """CutMix within a batch: item ``i`` gets the block ``mask`` from item ``i - 1`` (cyclically).
+
+    Apply the same call (same ``mask``) to images, pseudo-labels, confidences and feature maps so
+    the geometry is identical for all of them.
+
+    Args:
+        values: (B, k, *spatial) images, labels or maps (any dtype).
+        mask: (1, 1, *spatial) 0/1 block mask (:func:`block_mask`) on ``values``' grid, or None
+            (no CutMix this step: ``values`` unchanged).
+    """
+    if mask is None:
+        return values
+    return mix(values.roll(1, dims=0), values, mask)

@@ -19,6 +19,7 @@ from semidiff.data import (
     select_labeled,
     train_transforms,
 )
+from semidiff.data.readers import DatasetReader
 from semidiff.data.record import Case, CaseRef
 from semidiff.data.transforms import resample_volume
 from semidiff.errors import ConfigError
@@ -50,11 +51,11 @@ class Splits:
         return out
 
 
-def build_reader(cfg: Config):
+def build_reader(cfg: Config) -> DatasetReader:
     return create_reader(cfg.data.reader, cfg.data.root, **cfg.data.reader_options)
 
 
-def build_splits(cfg: Config, reader) -> Splits:
+def build_splits(cfg: Config, reader: DatasetReader) -> Splits:
     """Apply the labeled-subset rule and the validation choice of the config."""
     train_refs = reader.cases(cfg.data.train_split)
     if cfg.data.holdout_val is not None:
@@ -75,7 +76,7 @@ def build_splits(cfg: Config, reader) -> Splits:
         )
     except ConfigError as exc:
         raise ConfigError(f"data.labeled: {exc}") from None  # name the key the user must change
-    if hasattr(reader, "unlabeled_cases"):
+    if hasattr(reader, "unlabeled_cases"):  # the optional part of the contract: ReaderWithUnlabeled
         # Frame and own-data readers also have images without any label (unannotated frames, an
         # unlabeled folder); those of held-out groups stay out so no video crosses splits.
         val_groups = {r.group for r in val_refs}
@@ -83,7 +84,7 @@ def build_splits(cfg: Config, reader) -> Splits:
     return Splits(labeled=labeled, unlabeled=unlabeled, val=val_refs)
 
 
-def load_resampled(reader, ref: CaseRef, factor: float) -> Case:
+def load_resampled(reader: DatasetReader, ref: CaseRef, factor: float) -> Case:
     """Load a case, resampled by ``factor`` per spatial axis when the budget asks for it."""
     case = reader.load(ref)
     if factor != 1.0:
@@ -97,7 +98,7 @@ def load_resampled(reader, ref: CaseRef, factor: float) -> Case:
 class TrainItems(Dataset):
     """Labeled items first (indices < ``num_labeled``), unlabeled after; loaded once and cached."""
 
-    def __init__(self, reader, labeled: list[CaseRef], unlabeled: list[CaseRef], transform, factor: float, cache: bool,
+    def __init__(self, reader: DatasetReader, labeled: list[CaseRef], unlabeled: list[CaseRef], transform, factor: float, cache: bool,
                  label_noise: LabeledMaskNoise | None = None):
         self.reader = reader
         self.refs = list(labeled) + list(unlabeled)
@@ -156,7 +157,7 @@ def collate_two_streams(items: list[dict[str, torch.Tensor]]) -> dict[str, dict[
 class CaseList(Dataset):
     """Whole validation cases, one per item (evaluation is per case, not per patch)."""
 
-    def __init__(self, reader, refs: list[CaseRef]):
+    def __init__(self, reader: DatasetReader, refs: list[CaseRef]):
         self.reader = reader
         self.refs = refs
 

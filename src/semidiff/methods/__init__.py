@@ -1,16 +1,11 @@
-"""Training methods, created by name from the registry."""
+"""Training methods, created by name from the registry.
 
-# Importing a method module registers it.
-from semidiff.methods import (  # noqa: F401
-    bcp,
-    cps,
-    diffcl,
-    mean_teacher,
-    protodiff,
-    supervised,
-    ua_mt,
-)
+Importing this package imports every module in it, so each method registers itself
+(:func:`register_method`): a new method is one new file here, and nothing lists it.
+"""
+
 from semidiff.methods.base import (
+    METHODS,
     Method,
     MethodOptions,
     NetSpec,
@@ -21,8 +16,10 @@ from semidiff.methods.base import (
     method_options,
     register_method,
 )
+from semidiff.registry import import_submodules
 
 __all__ = [
+    "METHODS",
     "Method",
     "MethodOptions",
     "NetSpec",
@@ -33,3 +30,5 @@ __all__ = [
     "method_options",
     "register_method",
 ]
+
+import_submodules(__name__, __path__)

@@ -3,7 +3,9 @@
 A method owns its networks and losses; it never reads files. The engine hands it one batch of
 labeled items and (for semi-supervised methods) one batch of unlabeled items per step, and asks it
 for class probabilities at evaluation time. Adding a method = one file here with a class decorated
-by :func:`register_method`, one ``Options`` model for its config section, one test.
+by :func:`register_method`, one ``Options`` model for its config section, and a config under
+``configs/``; the conformance suite (``tests/test_method_conformance.py``) checks every registered
+method (docs/contributing.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from semidiff.config import format_validation_error
 from semidiff.errors import ConfigError
 from semidiff.noise import apply_noise, make_generator
+from semidiff.registry import Registry
 
 if TYPE_CHECKING:
     from semidiff.config import NoiseConfig
@@ -62,14 +65,21 @@ class Method(nn.Module):
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     name: ClassVar[str] = ""
-    #: whether the method consumes unlabeled items (the sampler then draws them).
+    #: whether the method consumes unlabeled items (the sampler then draws them). Such a method
+    #: must pass every pseudo-label through :meth:`corrupt_pseudo` or :meth:`corrupt_soft_pseudo`.
     uses_unlabeled: ClassVar[bool] = False
+    #: the networks ``model.net`` may name when the method builds its own (None: any registered
+    #: segmentation network, built with :func:`semidiff.methods.common.build_net`).
+    supported_nets: ClassVar[tuple[str, ...] | None] = None
     #: names of the outputs ``predict(image, output=NAME)`` can give (``semidiff eval --output``).
     #: A method with one output keeps ``("default",)`` and a plain ``predict(image)``.
     outputs: ClassVar[tuple[str, ...]] = ("default",)
     #: ``method.options`` that only change prediction, so ``semidiff eval`` may override them on a
     #: trained checkpoint (e.g. DDIM steps); every other option shaped the weights or the training.
     eval_options: ClassVar[tuple[str, ...]] = ()
+    #: When :meth:`export_net` gives a network, for the message of ``semidiff export``: ``"always"``,
+    #: a condition on the options (``"eval_model a or b"``), or None (never).
+    exportable_when: ClassVar[str | None] = None
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__()
@@ -257,31 +267,43 @@ def all_gather_padded(rows: Tensor) -> Tensor:
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
 
 
-_METHODS: dict[str, type[Method]] = {}
+#: Every method, by the name configs give in ``method.name``; filled by :func:`register_method`.
+METHODS: Registry[type[Method]] = Registry("method", config_key="method.name")
 
 
-def register_method(name: str):
-    """Class decorator adding a method to the registry under ``name``."""
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator adding a method to :data:`METHODS` under ``name`` (and setting ``cls.name``).
+
+    Raises:
+        TypeError: the class is not a :class:`Method`, or its ``Options`` is not a
+            :class:`MethodOptions`.
+        ValueError: ``name`` is taken by another class.
+    """
 
     def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS:
-            raise ValueError(f"method {name!r} registered twice")
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"register_method({name!r}) decorates a Method subclass, got {cls!r}")
+        if not issubclass(cls.Options, MethodOptions):
+            raise TypeError(f"method {name!r}: Options must derive from MethodOptions")
+        METHODS.add(name, cls)
         cls.name = name
-        _METHODS[name] = cls
         return cls
 
     return wrap
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    """The registered method names, sorted."""
+    return METHODS.names()
 
 
 def method_class(name: str) -> type[Method]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(list_methods())}") from None
+    """The class registered as ``name``.
+
+    Raises:
+        ConfigError: unknown name (the message lists the known ones).
+    """
+    return METHODS.lookup(name)
 
 
 def method_options(name: str, options: dict[str, Any]) -> MethodOptions:
@@ -299,5 +321,6 @@ def method_options(name: str, options: dict[str, Any]) -> MethodOptions:
 
 
 def create_method(name: str, net: NetSpec, options: dict[str, Any]) -> Method:
+    """Build the method registered as ``name`` with validated ``options``."""
     cls = method_class(name)
     return cls(net, method_options(name, options))

@@ -32,17 +32,16 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from semidiff import profiling
+from semidiff.data.transforms import block_mask, mix
 from semidiff.methods.base import MethodOptions, NetSpec, Progress, register_method
 from semidiff.methods.common import (
     StepsOrFraction,
     TeacherOptions,
     TeacherStudentMethod,
-    block_mask,
     copy_weights,
     ema_update,
     largest_component,
     make_ema_copy,
-    mix,
     pseudo_label,
     require_unlabeled,
     softmax_probs,

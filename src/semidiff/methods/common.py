@@ -1,7 +1,9 @@
 """Pieces shared by the semi-supervised baselines, written once.
 
-Ramp-ups, the EMA teacher, hard pseudo-labels, input noise, softmax consistency and the
-copy-paste mixing of BCP. Everything works on tensors of any spatial rank (2D and 3D alike) and
+Ramp-ups, the EMA teacher, hard pseudo-labels, softmax consistency and BCP's largest-component
+clean-up. The batch augmentations (input noise, copy-paste mixing, strong views) live in
+:mod:`semidiff.data.transforms`; ``block_mask``, ``input_noise`` and ``mix`` stay importable from
+here. Everything works on tensors of any spatial rank (2D and 3D alike) and
 draws randomness from torch's global RNG only, which the engine seeds from (seed, step): a resumed
 run replays the exact same noise, masks and block positions.
 """
@@ -20,6 +22,11 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from semidiff import profiling
+from semidiff.data.transforms import (  # re-exported: shared augmentations
+    block_mask,
+    input_noise,
+    mix,
+)
 from semidiff.errors import ConfigError
 from semidiff.methods.base import Method, MethodOptions, NetSpec, Progress
 from semidiff.nets import create_net
@@ -198,6 +205,8 @@ class TeacherStudentMethod(Method):
         net = self.teacher if self.options.eval_model == "teacher" else self.student
         return softmax_probs(net, image)
 
+    exportable_when = "always"
+
     def export_net(self) -> nn.Module:
         """The network :meth:`predict` uses (student by default)."""
         return self.teacher if self.options.eval_model == "teacher" else self.student
@@ -213,13 +222,6 @@ def require_unlabeled(unlabeled: dict[str, Tensor] | None, method: str) -> Tenso
     if unlabeled is None or unlabeled.get("image") is None:
         raise ConfigError(f"method {method!r} needs unlabeled images: set train.unlabeled_batch > 0")
     return unlabeled["image"]
-
-
-def input_noise(x: Tensor, std: float, clip: float) -> Tensor:
-    """``clamp(N(0, std^2), -clip, clip)`` noise shaped like ``x`` (UA-MT / SSL4MIS: 0.1, 0.2)."""
-    if std <= 0:
-        return torch.zeros_like(x)
-    return torch.clamp(torch.randn_like(x) * std, -clip, clip)
 
 
 def softmax_mse(student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
@@ -277,55 +279,3 @@ def largest_component(labels: Tensor, num_classes: int) -> Tensor:
             sizes = np.bincount(comps.ravel())[1:]
             out[b, 0][comps == int(np.argmax(sizes)) + 1] = c
     return torch.from_numpy(out).to(labels.device)
-
-
-# ---- copy-paste mixing (BCP) --------------------------------------------------------------------
-def block_mask(
-    spatial_shape: tuple[int, ...] | torch.Size,
-    ratio: float = 2.0 / 3.0,
-    device: torch.device | str | None = None,
-    centered: bool = False,
-) -> Tensor:
-    """A 0/1 mask with one axis-aligned block of ones, for copy-paste mixing.
-
-    The block's side along each axis is ``int(ratio * size)`` (BCP: 2/3). Its position is uniform
-    over all positions that keep the block inside the image (BCP draws a random corner; its
-    ``randint(0, size - side)`` excludes the last position, we include it), or centred with
-    ``centered=True``. One mask is drawn per call and shared by the whole batch, as in BCP.
-
-    Args:
-        spatial_shape: The image's spatial size (2 or 3 values).
-        ratio: Block side as a fraction of each axis, in (0, 1].
-        device: Device of the mask.
-        centered: Put the block in the centre instead of at a random position.
-
-    Returns:
-        (1, 1, *spatial_shape) float mask, 1 inside the block, 0 outside.
-
-    Raises:
-        ValueError: If ``ratio`` is outside (0, 1].
-    """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"block ratio must be in (0, 1], got {ratio!r}")
-    mask = torch.zeros((1, 1, *spatial_shape), device=device)
-    index: list[slice] = [slice(None), slice(None)]
-    for size in spatial_shape:
-        side = max(1, int(size * ratio))
-        if centered:
-            start = (size - side) // 2
-        else:
-            start = int(torch.randint(0, size - side + 1, (1,)).item())
-        index.append(slice(start, start + side))
-    mask[tuple(index)] = 1.0
-    return mask
-
-
-def mix(a: Tensor, b: Tensor, mask: Tensor) -> Tensor:
-    """``a * mask + b * (1 - mask)`` for a binary mask, dtype-preserving (images and labels).
-
-    Args:
-        a: Values inside the mask (e.g. the pasted block's source).
-        b: Values outside the mask (the background image).
-        mask: 0/1 mask broadcastable to ``a`` (e.g. from :func:`block_mask`).
-    """
-    return torch.where(mask > 0.5, a, b)

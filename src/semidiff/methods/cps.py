@@ -102,6 +102,8 @@ class CPS(Method):
             return softmax_probs(self.net_b, image)
         return 0.5 * (softmax_probs(self.net_a, image) + softmax_probs(self.net_b, image))
 
+    exportable_when = "eval_model a or b"
+
     def export_net(self):
         """Network A (or B) as ``eval_model`` says; None for the two-network mean."""
         return {"a": self.net_a, "b": self.net_b}.get(self.options.eval_model)

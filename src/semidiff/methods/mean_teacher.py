@@ -16,12 +16,12 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from semidiff import profiling
+from semidiff.data.transforms import input_noise
 from semidiff.methods.base import Progress, register_method
 from semidiff.methods.common import (
     RampOptions,
     TeacherOptions,
     TeacherStudentMethod,
-    input_noise,
     require_unlabeled,
     softmax_mse,
     softmax_probs,

@@ -7,7 +7,8 @@ Only the abstract of the paper is public; this is the reconstruction of docs/met
    steps, mean softmax over the steps) on the labeled images and the weak view of the unlabeled
    ones (the data pipeline's augmentation). Pseudo-labels = argmax, confidence = max probability.
    The hidden map ``h`` of its last step gives the prototype updates and the consistency targets.
-2. **Strong view** of the unlabeled images: intensity jitter, Gaussian blur, CutMix. CutMix's
+2. **Strong view** of the unlabeled images (:mod:`semidiff.data.transforms`): intensity jitter,
+   Gaussian blur, CutMix. CutMix's
    geometry (a block pasted from the previous item of the batch) is applied to the pseudo-labels,
    the confidences and the teacher's hidden map as well.
 3. **Student** on ``concat(labeled, strong)`` with the diffusion target ``z_t`` noised from the
@@ -32,13 +33,12 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from monai.networks.layers import GaussianFilter
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 from torch.profiler import record_function
 
 from semidiff import profiling
+from semidiff.data.transforms import block_mask, cutmix, intensity_jitter, random_blur
 from semidiff.diffusion.label_diffusion import LabelDiffusion
 from semidiff.errors import ConfigError
 from semidiff.methods.base import (
@@ -53,29 +53,24 @@ from semidiff.methods.common import (
     RampOptions,
     StepsOrFraction,
     TeacherOptions,
-    block_mask,
     ema_update,
     make_ema_copy,
-    mix,
     require_unlabeled,
     steps_from,
 )
 from semidiff.methods.losses import seg_loss, without_ignored
+from semidiff.methods.prototypes import (
+    class_feature_sums,
+    prototype_infonce,
+    prototype_kl,
+    update_prototypes,
+)
 from semidiff.nets import create_net
 from semidiff.nets.protodiff_net import ProtoDiffNet
 
-__all__ = [
-    "NET_NAME",
-    "ProtoDiff",
-    "ProtoDiffOptions",
-    "class_feature_sums",
-    "cutmix",
-    "intensity_jitter",
-    "prototype_infonce",
-    "prototype_kl",
-    "random_blur",
-    "update_prototypes",
-]
+# The strong view's augmentations live in semidiff.data.transforms and the prototype helpers in
+# semidiff.methods.prototypes; both stay importable from here under their old names.
+__all__ = ["NET_NAME", "ProtoDiff", "ProtoDiffOptions"]
 
 #: The networks this method builds (``model.net``); ``model.net_options`` go to its factory.
 #: ``protodiff_net``: its own encoder and time-conditioned decoder (after DDP); ``protodiff_unet``:
@@ -84,187 +79,6 @@ NET_NAMES = ("protodiff_net", "protodiff_unet")
 NET_NAME = NET_NAMES[0]
 #: Network options the method sets itself (from the patch size and from its own options).
 _RESERVED_NET_OPTIONS = ("spatial_dims", "label_scale")
-
-
-# ---- strong view --------------------------------------------------------------------------------
-def _per_item(x: Tensor) -> tuple[int, ...]:
-    """Shape broadcasting one value per batch item over (B, C, *spatial)."""
-    return (x.shape[0],) + (1,) * (x.ndim - 1)
-
-
-def intensity_jitter(x: Tensor, contrast: float, brightness: float) -> Tensor:
-    """Random contrast and brightness per image: ``(x - mean) * c + mean + b * std``.
-
-    ``c ~ U(1 - contrast, 1 + contrast)`` and ``b ~ U(-brightness, brightness)``; the shift is in
-    units of the image's own standard deviation, so it means the same on min-max scaled (ACDC) and
-    z-scored (LA) images.
-    """
-    if contrast <= 0 and brightness <= 0:
-        return x
-    dims = tuple(range(1, x.ndim))
-    mean = x.mean(dim=dims, keepdim=True)
-    std = x.std(dim=dims, keepdim=True)
-    c = 1.0 + contrast * (2.0 * torch.rand(_per_item(x), device=x.device) - 1.0)
-    b = brightness * (2.0 * torch.rand(_per_item(x), device=x.device) - 1.0)
-    return (x - mean) * c + mean + b * std
-
-
-def random_blur(x: Tensor, prob: float, sigma_range: tuple[float, float]) -> Tensor:
-    """Gaussian blur (MONAI ``GaussianFilter``) of each image with probability ``prob``.
-
-    ``sigma ~ U(sigma_range)`` in voxels, one per image, the same on every axis.
-    """
-    if prob <= 0:
-        return x
-    spatial_dims = x.ndim - 2
-    chosen = torch.rand(len(x)) < prob
-    sigmas = torch.empty(len(x)).uniform_(*sigma_range)
-    out = [
-        GaussianFilter(spatial_dims, float(s)).to(x.device)(x[i : i + 1]) if bool(c) else x[i : i + 1]
-        for i, (c, s) in enumerate(zip(chosen, sigmas))
-    ]
-    return torch.cat(out)
-
-
-def cutmix(values: Tensor, mask: Tensor | None) -> Tensor:
-    """CutMix within a batch: item ``i`` gets the block ``mask`` from item ``i - 1`` (cyclically).
-
-    Apply the same call (same ``mask``) to images, pseudo-labels, confidences and feature maps so
-    the geometry is identical for all of them.
-
-    Args:
-        values: (B, k, *spatial) images, labels or maps (any dtype).
-        mask: (1, 1, *spatial) 0/1 block mask (:func:`block_mask`) on ``values``' grid, or None
-            (no CutMix this step: ``values`` unchanged).
-    """
-    if mask is None:
-        return values
-    return mix(values.roll(1, dims=0), values, mask)
-
-
-# ---- prototypes ---------------------------------------------------------------------------------
-def _flatten_pixels(features: Tensor) -> Tensor:
-    """(B, D, *spatial) -> (B * prod(spatial), D)."""
-    return features.movedim(1, -1).reshape(-1, features.shape[1])
-
-
-def class_feature_sums(
-    features: Tensor, labels: Tensor, weights: Tensor, num_classes: int
-) -> tuple[Tensor, Tensor]:
-    """Weighted per-class sums of L2-normalised pixel features.
-
-    Args:
-        features: (B, D, *spatial) features (normalised here along D).
-        labels: (B, 1, *spatial) integer classes on the same grid.
-        weights: (B, 1, *spatial) non-negative pixel weights (0 excludes a pixel).
-        num_classes: ``C``.
-
-    Returns:
-        ``(sums, totals)``: (C, D) weighted sums of the unit features and (C,) total weights.
-    """
-    f = _flatten_pixels(F.normalize(features.detach().float(), dim=1))
-    y = labels.reshape(-1).long()
-    w = weights.reshape(-1).float()
-    sums = torch.zeros(num_classes, f.shape[1], device=f.device).index_add_(0, y, f * w[:, None])
-    totals = torch.zeros(num_classes, device=f.device).index_add_(0, y, w)
-    return sums, totals
-
-
-def update_prototypes(
-    prototypes: Tensor, ready: Tensor, sums: Tensor, totals: Tensor, momentum: float
-) -> tuple[Tensor, Tensor]:
-    """EMA update of L2-normalised class prototypes from per-class feature sums.
-
-    For each class with pixels (``totals > 0``): ``m = normalize(sums / totals)`` (the normalised
-    mean direction), then ``p <- normalize(momentum * p + (1 - momentum) * m)``; a class seen for
-    the first time starts at ``p = m``. Classes without pixels keep their prototype.
-
-    Args:
-        prototypes: (C, D) current prototypes (unit rows where ``ready``).
-        ready: (C,) bool, which prototypes have been initialised.
-        sums, totals: Output of :func:`class_feature_sums`.
-        momentum: EMA momentum (0.99 by default; 0.999 is slower).
-
-    Returns:
-        ``(prototypes, ready)``, new tensors.
-    """
-    present = totals > 0
-    mean = F.normalize(sums / totals.clamp_min(1e-12)[:, None], dim=1)
-    moved = F.normalize(momentum * prototypes + (1.0 - momentum) * mean, dim=1)
-    new = torch.where(ready[:, None], moved, mean)
-    return torch.where(present[:, None], new, prototypes), ready | present
-
-
-def prototype_infonce(
-    features: Tensor,
-    labels: Tensor,
-    weights: Tensor,
-    prototypes: Tensor,
-    ready: Tensor,
-    temperature: float,
-    pixels_per_class: int | None,
-) -> Tensor:
-    """Class-balanced, weighted pixel-to-prototype InfoNCE.
-
-    For a pixel ``i`` of class ``c`` with unit feature ``f_i``:
-    ``l_i = -log( exp(f_i . p_c / tau) / sum_k exp(f_i . p_k / tau) )`` over the initialised
-    prototypes. At most ``pixels_per_class`` pixels per class are sampled uniformly (global RNG);
-    the loss is the weighted mean over each class's pixels, then the plain mean over the classes
-    present, so a small class counts as much as the background.
-
-    Args:
-        features: (B, D, *spatial) pixel features (normalised here).
-        labels: (B, 1, *spatial) integer classes.
-        weights: (B, 1, *spatial) pixel weights (1 for ground truth, the confidence for
-            pseudo-labels, 0 to exclude).
-        prototypes: (C, D) unit prototypes.
-        ready: (C,) bool; uninitialised prototypes are neither positives nor negatives.
-        temperature: ``tau`` (0.1).
-        pixels_per_class: Sampling cap per class (None: all pixels).
-
-    Returns:
-        Scalar loss (0 with a graph to ``features`` when no pixel of an initialised class exists).
-    """
-    f = _flatten_pixels(features)
-    y = labels.reshape(-1).long()
-    w = weights.reshape(-1).float()
-    keep = ready[y] & (w > 0)
-    per_class: list[Tensor] = []
-    for c in torch.nonzero(ready).flatten().tolist():
-        idx = torch.nonzero(keep & (y == c)).flatten()
-        if idx.numel() == 0:
-            continue
-        if pixels_per_class is not None and idx.numel() > pixels_per_class:
-            idx = idx[torch.randperm(idx.numel(), device=idx.device)[:pixels_per_class]]
-        sims = F.normalize(f[idx].float(), dim=1) @ prototypes.t() / temperature
-        sims = sims.masked_fill(~ready[None, :], float("-inf"))
-        nll = F.cross_entropy(sims, y[idx], reduction="none")
-        per_class.append((nll * w[idx]).sum() / w[idx].sum())
-    if not per_class:
-        return features.sum() * 0.0
-    return torch.stack(per_class).mean()
-
-
-def prototype_kl(
-    student_features: Tensor, teacher_features: Tensor, prototypes: Tensor, ready: Tensor, temperature: float
-) -> Tensor:
-    """Mean over pixels of ``KL(q_teacher || q_student)``, ``q = softmax(normalize(h) . P / tau)``.
-
-    Only initialised prototypes enter the distributions; with fewer than two the KL is 0.
-
-    Args:
-        student_features: (B, D, *spatial) student hidden map (strong view).
-        teacher_features: (B, D, *spatial) teacher hidden map (weak view, same geometry).
-        prototypes: (C, D) unit prototypes.
-        ready: (C,) bool.
-        temperature: ``tau``.
-    """
-    if int(ready.sum()) < 2:
-        return student_features.sum() * 0.0
-    p = prototypes[ready]
-    s = F.normalize(_flatten_pixels(student_features).float(), dim=1) @ p.t() / temperature
-    t = F.normalize(_flatten_pixels(teacher_features.detach()).float(), dim=1) @ p.t() / temperature
-    return F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
 
 
 # ---- options ------------------------------------------------------------------------------------
@@ -379,6 +193,7 @@ class ProtoDiff(Method):
     Options = ProtoDiffOptions
     options: ProtoDiffOptions
     uses_unlabeled = True
+    supported_nets = NET_NAMES
     #: ``predict`` outputs: DDIM with ``sampling_steps`` steps (the default), or with 1, 3, 5 steps.
     outputs: ClassVar[tuple[str, ...]] = ("ddim", "ddim_s1", "ddim_s3", "ddim_s5")
     eval_options: ClassVar[tuple[str, ...]] = ("sampling_steps", "sample_seed")

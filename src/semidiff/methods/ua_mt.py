@@ -24,9 +24,9 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from semidiff import profiling
+from semidiff.data.transforms import input_noise
 from semidiff.methods.base import Progress, register_method
 from semidiff.methods.common import (
-    input_noise,
     sigmoid_rampup,
     softmax_mse,
     softmax_probs,

@@ -1,27 +1,22 @@
 """Segmentation networks and their registry.
 
-Importing this package registers every network, so ``create_net("vnet", 1, 2)`` works after
-``import semidiff.nets``.
+Importing this package imports every module in it, so each registers its networks
+(:func:`register_net`) and ``create_net("vnet", 1, 2)`` works after ``import semidiff.nets``.
 """
 
 from __future__ import annotations
 
-from semidiff.nets import protodiff_net as _protodiff_net  # noqa: F401  (registers "protodiff_net")
-from semidiff.nets import protodiff_unet as _protodiff_unet  # noqa: F401  (registers "protodiff_unet")
-
-# Imported for their registration side effect.
-from semidiff.nets import unet2d as _unet2d  # noqa: F401  (registers "unet2d")
-from semidiff.nets import unet3d as _unet3d  # noqa: F401  (registers "unet3d")
-from semidiff.nets import vnet as _vnet  # noqa: F401  (registers "vnet")
 from semidiff.nets.blocks import SegmentationNet
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
 from semidiff.nets.hfm import HFMBlock, SkipTransformNet, add_hfm
-from semidiff.nets.registry import create_net, list_nets, register_net
+from semidiff.nets.registry import NETS, create_net, list_nets, register_net
 from semidiff.nets.unet2d import UNet2D
 from semidiff.nets.unet3d import UNet3D
 from semidiff.nets.vnet import VNet
+from semidiff.registry import import_submodules
 
 __all__ = [
+    "NETS",
     "HFMBlock",
     "SegmentationNet",
     "SkipTransformNet",
@@ -35,3 +30,6 @@ __all__ = [
     "list_nets",
     "register_net",
 ]
+
+# Every module here registers what it defines: a new network is one new file in this package.
+import_submodules(__name__, __path__)

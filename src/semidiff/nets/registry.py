@@ -1,4 +1,4 @@
-"""A name -> factory registry for segmentation networks.
+"""The registry of segmentation networks (name -> factory), and building one by name.
 
 A network is added by decorating one factory function; everything else (configs, methods, the
 command line) reaches it through :func:`create_net` by name, so nothing else has to change.
@@ -21,12 +21,15 @@ from typing import Any
 from torch import nn
 
 from semidiff.errors import ConfigError
+from semidiff.registry import Registry
 
-__all__ = ["NetFactory", "create_net", "list_nets", "register_net"]
+__all__ = ["NETS", "NetFactory", "create_net", "list_nets", "register_net"]
 
 NetFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, NetFactory] = {}
+#: Every network factory, by the name configs give in ``model.net``; filled by :func:`register_net`.
+# No config key in errors: model.net, diffcl's ds_net and protodiff_unet's backbone all name networks.
+NETS: Registry[NetFactory] = Registry("network")
 
 # Positional arguments every factory takes; they are not options a user can set by keyword.
 _CHANNEL_ARGS = ("in_channels", "out_channels")
@@ -44,21 +47,12 @@ def register_net(name: str) -> Callable[[NetFactory], NetFactory]:
     Raises:
         ValueError: If ``name`` is already taken by a different factory (a programming error).
     """
-
-    def decorator(fn: NetFactory) -> NetFactory:
-        existing = _REGISTRY.get(name)
-        # Same qualified name = the module was re-imported (e.g. reload); that is not a clash.
-        if existing is not None and _qualname(existing) != _qualname(fn):
-            raise ValueError(f"network name {name!r} is already registered by {_qualname(existing)}")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
+    return NETS.register(name)
 
 
 def list_nets() -> list[str]:
     """Return the names of all registered networks, sorted."""
-    return sorted(_REGISTRY)
+    return NETS.names()
 
 
 def create_net(name: str, in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
@@ -77,13 +71,10 @@ def create_net(name: str, in_channels: int, out_channels: int, **kwargs: Any) ->
         ConfigError: If the name is unknown, an option is not accepted by that network, or the
             channel counts are not positive integers.
     """
-    if name not in _REGISTRY:
-        known = ", ".join(list_nets()) or "(none registered)"
-        raise ConfigError(f"unknown network {name!r}; known networks: {known}")
+    fn = NETS.lookup(name)
     for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"network {name!r}: {arg} must be a positive integer, got {value!r}")
-    fn = _REGISTRY[name]
     accepted = _accepted_options(fn)
     if accepted is not None:
         unknown = sorted(set(kwargs) - accepted)
@@ -105,7 +96,3 @@ def _accepted_options(fn: NetFactory) -> set[str] | None:
         if p.name not in _CHANNEL_ARGS
         and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     }
-
-
-def _qualname(fn: NetFactory) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
