@@ -509,3 +509,21 @@ def test_the_committed_records_are_what_their_cells_would_train_now():
                 assert record_mismatch(cell, record) == [], f"{f.name}: {record}"
                 checked += 1
     assert checked > 0, "no committed records found under the bench configs' records folders"
+
+
+def test_a_folder_of_runs_is_ordered_by_the_methods_table_rank(tmp_path):
+    """Rows follow each registered method's table_rank (labels-only reference first, the papers'
+    methods after the baselines); a newly registered method without one comes after them all."""
+    from semidiff.methods import METHODS, Method, register_method
+
+    class Newcomer(Method):
+        pass
+
+    register_method("newcomer")(Newcomer)
+    try:
+        for i, name in enumerate(["newcomer", "protodiff", "diffcl", "bcp", "supervised", "mean_teacher"]):
+            _fake_run(tmp_path / f"r{i}", name, 3, 0, 0.5, 4.0)
+        assert [r.method for r in collect(tmp_path)] == [
+            "supervised", "mean_teacher", "bcp", "diffcl", "protodiff", "newcomer"]
+    finally:
+        METHODS.unregister("newcomer")

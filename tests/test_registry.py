@@ -98,3 +98,13 @@ def test_register_method_refuses_what_is_not_a_method():
     with pytest.raises(TypeError, match="Method subclass"):
         register_method("not_a_method")(object)  # type: ignore[arg-type]
     assert "not_a_method" not in list_methods()
+
+
+def test_semidiff_list_prints_every_registry(capsys):
+    from semidiff.cli import main
+
+    assert main(["list"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["methods"].split(", ") == list_methods()
+    assert lines["networks"].split(", ") == list_nets()
+    assert lines["readers"].split(", ") == list_readers()

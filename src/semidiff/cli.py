@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("inspect", help="validate a dataset folder and summarise what it holds")
     q.add_argument("root")
     q.add_argument("--reader", default="auto",
-                   help="auto | acdc | la | pancreas | brats | h5caselist | synthetic | endoscapes | mosxav | nnunet")
+                   help="auto (guess from the folder) or a reader name (`semidiff list` prints them)")
     q.add_argument("--num-classes", type=int, default=None)
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a reader option as in a config's data.reader_options, e.g. treat_as_ignore=[7] "
@@ -345,11 +345,13 @@ def cmd_data(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from semidiff.data import list_readers
     from semidiff.methods import list_methods
     from semidiff.nets import list_nets
 
     print("methods:", ", ".join(list_methods()))
     print("networks:", ", ".join(list_nets()))
+    print("readers:", ", ".join(list_readers()))
     return 0
 
 

@@ -80,6 +80,9 @@ class Method(nn.Module):
     #: When :meth:`export_net` gives a network, for the message of ``semidiff export``: ``"always"``,
     #: a condition on the options (``"eval_model a or b"``), or None (never).
     exportable_when: ClassVar[str | None] = None
+    #: Where the method's rows sit when a report orders a folder of runs: the labels-only reference
+    #: first, the baselines in the order of methods.md, then the papers' methods, then new ones.
+    table_rank: ClassVar[int] = 100
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:
         super().__init__()

@@ -110,6 +110,8 @@ class BCPOptions(TeacherOptions):
 class BCP(TeacherStudentMethod):
     """Bidirectional copy-paste between labeled and unlabeled images, with an EMA teacher."""
 
+    table_rank = 40
+
     Options = BCPOptions
     options: BCPOptions
 

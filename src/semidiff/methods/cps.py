@@ -62,6 +62,8 @@ class CPSOptions(RampOptions):
 class CPS(Method):
     """Two networks supervising each other with hard pseudo-labels."""
 
+    table_rank = 30
+
     Options = CPSOptions
     options: CPSOptions
     uses_unlabeled = True

@@ -193,6 +193,8 @@ class DiffCLOptions(RampOptions):
 class DiffCL(Method):
     """Diff-CL: DS and CS with cross pseudo supervision, HFM and contrastive label propagation."""
 
+    table_rank = 50
+
     Options = DiffCLOptions
     options: DiffCLOptions
     uses_unlabeled = True

@@ -51,6 +51,8 @@ class MeanTeacherOptions(TeacherOptions, RampOptions):
 class MeanTeacher(TeacherStudentMethod):
     """Mean Teacher: softmax-MSE consistency between the student and its EMA teacher."""
 
+    table_rank = 10
+
     Options = MeanTeacherOptions
     options: MeanTeacherOptions
 

@@ -190,6 +190,8 @@ class ProtoDiff(Method):
     Buffers (saved in checkpoints): ``prototypes`` (C, D) and ``prototype_ready`` (C,).
     """
 
+    table_rank = 60
+
     Options = ProtoDiffOptions
     options: ProtoDiffOptions
     uses_unlabeled = True

@@ -18,6 +18,7 @@ from semidiff.nets import create_net
 
 @register_method("supervised")
 class Supervised(Method):
+    table_rank = 0
     uses_unlabeled = False
 
     def __init__(self, net: NetSpec, options: MethodOptions) -> None:

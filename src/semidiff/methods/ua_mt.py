@@ -84,6 +84,8 @@ class UAMTOptions(MeanTeacherOptions):
 class UAMT(MeanTeacher):
     """UA-MT: Mean Teacher with the consistency masked by the teacher's uncertainty."""
 
+    table_rank = 20
+
     Options = UAMTOptions
     options: UAMTOptions
 

@@ -88,10 +88,12 @@ def collect(target: Path) -> list[CellResult]:
         labeled, seed = float(cfg["data"]["labeled"]), int(cfg["experiment"]["seed"])
         results.append(_cell_result(run, cfg, label, labeled, seed, noise))
         results += _extra_output_results(results[-1])
-    # A folder of runs has no row order of its own: baselines first, in the order of methods.md.
-    order = ["supervised", "mean_teacher", "ua_mt", "cps", "bcp", "diffcl", "protodiff"]
+    # A folder of runs has no row order of its own: the methods' table_rank gives it.
+    from semidiff.methods import list_methods, method_class
+
+    rank = {name: method_class(name).table_rank for name in list_methods()}
     base = [base_method(r.method) for r in results]
-    keyed = sorted(zip(base, results), key=lambda br: (order.index(br[0]) if br[0] in order else len(order),
+    keyed = sorted(zip(base, results), key=lambda br: (rank.get(br[0], max(rank.values(), default=0) + 1),
                                                        br[1].method, br[1].run_dir.name))
     return [r for _, r in keyed]
 
