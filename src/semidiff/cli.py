@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from semidiff.errors import SemidiffError
+from semidiff.errors import SemidiffError, exit_code
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
+
+    def dispatch() -> int:
         if args.command == "plan":
             return cmd_plan(args)
         if args.command == "train":
@@ -402,13 +403,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 write_report(args.target)
             return 0
-    except SemidiffError as exc:
-        print(f"semidiff: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("semidiff: interrupted; continue with `semidiff train RUN_FOLDER`", file=sys.stderr)
-        return 130
-    return 1
+        return 1
+
+    return exit_code(dispatch)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -20,3 +22,16 @@ class DataError(SemidiffError):
 
 class ConfigError(SemidiffError):
     """A problem with a config file or a command-line override; the message names the key."""
+
+
+def exit_code(action: Callable[[], int]) -> int:
+    """Run a command and give its exit code: what it returns; 2 for a user error, printed as one
+    line; 130 when interrupted. ``semidiff`` and each bench cell report errors the same way."""
+    try:
+        return action()
+    except SemidiffError as exc:
+        print(f"semidiff: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("semidiff: interrupted; continue with `semidiff train RUN_FOLDER`", file=sys.stderr)
+        return 130

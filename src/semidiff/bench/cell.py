@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from semidiff.errors import SemidiffError
+from semidiff.errors import exit_code
 
 
 def train_cell(config: str, overrides: list[str]) -> int:
@@ -18,18 +18,14 @@ def train_cell(config: str, overrides: list[str]) -> int:
     from semidiff.config import load_config
     from semidiff.engine.train import check_method_options, train
 
-    try:
+    def run() -> int:
         cfg = load_config(config, overrides)
         check_method_options(cfg, config)
         # resume=True continues from last.ckpt when there is one and starts fresh otherwise.
         train(cfg, resume=True)
-    except SemidiffError as exc:
-        print(f"semidiff: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("semidiff: interrupted; continue with `semidiff train RUN_FOLDER`", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":
