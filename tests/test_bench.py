@@ -495,6 +495,24 @@ def test_variant_rows_get_their_own_figure_beside_their_methods_default(tmp_path
     assert "variants.png" not in (runs / "table.md").read_text()
 
 
+def test_a_row_can_run_its_own_seeds(tmp_path):
+    base = {"experiment": {"name": "x"}, "data": {"reader": "synthetic", "root": "r"},
+            "model": {"net": "unet2d", "num_classes": 2}, "method": {"name": "supervised"}}
+    (tmp_path / "sup.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {
+        "name": "n", "labeled": [3], "seeds": [0],
+        "methods": [{"name": "a", "config": "sup.yaml", "seeds": [0, 1, 2]}, {"name": "b", "config": "sup.yaml"},
+                    {"name": "c", "config": "sup.yaml", "seeds": [1]}]}}))
+    spec, base_dir = load_bench(tmp_path / "b.yaml")
+    cells = grid_cells(spec, base_dir, tmp_path)
+    assert [c.name for c in cells] == ["a_l3_s0", "b_l3_s0", "a_l3_s1", "c_l3_s1", "a_l3_s2"]
+    assert "experiment.seed=2" in cells[-1].overrides
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {
+        "name": "n", "labeled": [3], "methods": [{"name": "a", "config": "sup.yaml", "seeds": []}]}}))
+    with pytest.raises(ConfigError, match="seeds"):
+        load_bench(tmp_path / "b.yaml")
+
+
 def test_the_committed_records_are_what_their_cells_would_train_now():
     # A change to a training config or a bench's overrides would make the bench train those cells
     # again (hours of CPU), so it must be a decision: move the records aside with it.

@@ -98,6 +98,29 @@ def test_hfm_block_keeps_shape_and_gates_with_a_residual(shape):
     assert block.forward_scan.block.in_proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 6, 5), (2, 8, 4, 3, 5)])
+def test_residual_gate_starts_as_the_identity_and_learns_through_the_mamba(shape):
+    torch.manual_seed(0)
+    block = HFMBlock(8, len(shape) - 2, radius=0.25, backend="mambapy", d_state=4, gate="residual")
+    x = torch.randn(shape)
+    torch.testing.assert_close(block(x), x, atol=0, rtol=0)  # zero-initialised: exactly X at start
+    # The first gradient reaches only the zero convolution (the branch behind it sees zero weights);
+    # once that has moved, the Mamba gets gradients and the output departs from X.
+    block(x).pow(2).sum().backward()
+    assert block.gate.weight.grad.abs().sum() > 0
+    assert block.forward_scan.block.in_proj.weight.grad.abs().sum() == 0
+    with torch.no_grad():
+        block.gate.weight.add_(0.1)
+    block.zero_grad()
+    y = block(x)
+    assert (y - x).abs().max() > 1e-3
+    y.pow(2).sum().backward()
+    assert block.forward_scan.block.in_proj.weight.grad.abs().sum() > 0
+    # The multiplicative gate of the spec is not the identity at start.
+    torch.manual_seed(0)
+    assert not torch.allclose(HFMBlock(8, len(shape) - 2, backend="mambapy", d_state=4)(x), x)
+
+
 def test_bidirectional_scan_sees_later_tokens_one_way_does_not():
     torch.manual_seed(0)
     block = HFMBlock(6, 2, backend="mambapy", d_state=4)
@@ -408,6 +431,7 @@ def test_single_output_methods_keep_their_plain_predict():
     ({"test_steps": 21}, "test_steps"),
     ({"hfm_backend": "cuda"}, "hfm_backend"),
     ({"hfm_radius": 0.7}, "hfm_radius"),
+    ({"hfm_gate": "add"}, "hfm_gate"),
     ({"peer": "teacher"}, "peer"),
     ({"hfm_levels": [9]}, "levels"),
     ({"schedule": "linear"}, "schedule"),

@@ -37,6 +37,8 @@ class BenchMethod(BaseModel):
     overrides: list[str] = []
     #: Labeled counts for this row only (e.g. the fully supervised upper bound); default: the bench's.
     labeled: list[float] | None = Field(default=None, min_length=1)
+    #: Seeds for this row only (e.g. more seeds for the rows a comparison rests on); default: the bench's.
+    seeds: list[int] | None = Field(default=None, min_length=1)
 
 
 class BenchSpec(BaseModel):
@@ -156,8 +158,9 @@ def grid_cells(spec: BenchSpec, base: Path, bench_dir: Path) -> list[Cell]:
     levels = spec.noise or [{}]
     cells = []
     counts = sorted(set(spec.labeled).union(*(m.labeled or [] for m in spec.methods)))
-    for labeled, seed, level, m in itertools.product(counts, spec.seeds, levels, spec.methods):
-        if labeled not in (m.labeled or spec.labeled):
+    seeds = list(dict.fromkeys([*spec.seeds, *(s for m in spec.methods for s in m.seeds or [])]))
+    for labeled, seed, level, m in itertools.product(counts, seeds, levels, spec.methods):
+        if labeled not in (m.labeled or spec.labeled) or seed not in (m.seeds or spec.seeds):
             continue
         if level.get("target") == "pseudo" and not _makes_pseudo_labels(base / m.config):
             continue  # pseudo-label noise cannot change it: its clean run stands for every level

@@ -103,6 +103,8 @@ class DiffCLOptions(RampOptions):
         hfm_share_directions: One Mamba for both scan directions.
         hfm_dim: Token width inside the Mamba; None = the skip's channels.
         hfm_d_state, hfm_expand, hfm_d_conv: Mamba state size, expansion, conv width.
+        hfm_gate: ``multiply`` (``X * (1 + sigmoid(conv(.)))``, the spec's reading) or ``residual``
+            (``X + conv(.)``, zero-initialised: CS starts as the plain U-Net).
         proj_dim: Output width of the projection head (64).
         proj_hidden: Hidden width of the 2-layer projection MLP.
         bank_size: Memory entries per class ``K`` (256).
@@ -155,6 +157,7 @@ class DiffCLOptions(RampOptions):
     hfm_d_state: int = Field(default=16, ge=1)
     hfm_expand: int = Field(default=2, ge=1)
     hfm_d_conv: int = Field(default=4, ge=1)
+    hfm_gate: Literal["multiply", "residual"] = "multiply"
 
     proj_dim: int = Field(default=64, ge=1)
     proj_hidden: int = Field(default=64, ge=1)
@@ -231,7 +234,8 @@ class DiffCL(Method):
         if o.use_hfm:
             cs = add_hfm(cs, o.hfm_levels, radius=o.hfm_radius, backend=o.hfm_backend,
                          bidirectional=o.hfm_bidirectional, share_directions=o.hfm_share_directions,
-                         dim=o.hfm_dim, d_state=o.hfm_d_state, expand=o.hfm_expand, d_conv=o.hfm_d_conv)
+                         dim=o.hfm_dim, d_state=o.hfm_d_state, expand=o.hfm_expand, d_conv=o.hfm_d_conv,
+                         gate=o.hfm_gate)
         return cs
 
     # ---- pieces ----------------------------------------------------------------------------
