@@ -43,8 +43,8 @@ from semidiff.errors import ConfigError
 from semidiff.nets.blocks import SegmentationNet
 
 __all__ = [
-    "MAMBA_BACKENDS",
     "HFM_GATES",
+    "MAMBA_BACKENDS",
     "HFMBlock",
     "MambaMixer",
     "SkipTransformNet",
