@@ -59,7 +59,8 @@ def main() -> None:
             m.gate.register_forward_hook(gate_hook(name))
 
     def group(name: str) -> str:
-        return ".".join(name.split(".")[: args.depth])
+        # A net wrapped for HFM keeps its own modules under "base": drop it so groups line up with the plain net's.
+        return ".".join([p for p in name.split(".") if p != "base"][: args.depth])
 
     losses, norms = [], collections.defaultdict(list)
     print(f"{cfg.method.name} {' '.join(args.overrides)}: lr {cfg.train.lr} x {lr_factor(cfg, 0):.3f} at step 0")
