@@ -48,7 +48,7 @@ OPTIMIZER = {
 #: Labeled + unlabeled items per step (ACDC reduced 4+4, full 12+12; LA 2+2 in both budgets).
 BATCH = {("reduced", 2): 4, ("reduced", 3): 2, ("full", 2): 12, ("full", 3): 2}
 #: Method options of the hand-written configs (tests/test_plan.py checks they still agree).
-_DIFFCL = {"peer": "ds", "use_hfm": True, "use_contrast": True, "timesteps": 1000, "schedule": "linear_beta",
+_DIFFCL = {"peer": "ds", "use_hfm": True, "hfm_gate": "residual", "use_contrast": True, "timesteps": 1000, "schedule": "linear_beta",
            "pl_steps": 2, "test_steps": 10, "hfm_levels": [3], "hfm_radius": 0.25, "hfm_dim": 32,
            "bank_size": 256, "tau": 0.1, "contrast_voxels": 4096, "mu1": 1.0, "mu2": 1.0, "eta": 0.1,
            "rampup_fraction": 0.4, "test_output": "cs"}
