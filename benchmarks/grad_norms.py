@@ -55,7 +55,7 @@ def main() -> None:
         return hook
 
     for name, m in module.method.named_modules():
-        if isinstance(m, HFMBlock) and isinstance(getattr(m, "gate", None), torch.nn.Module):
+        if isinstance(m, HFMBlock) and m.gate_mode == "multiply":  # the residual gate has no multiplier
             m.gate.register_forward_hook(gate_hook(name))
 
     def group(name: str) -> str:

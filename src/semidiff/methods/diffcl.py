@@ -61,7 +61,7 @@ from semidiff.methods.contrast import (
 )
 from semidiff.methods.losses import ce_loss, seg_loss, without_ignored
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
-from semidiff.nets.hfm import add_hfm
+from semidiff.nets.hfm import HFMGate, add_hfm
 
 # The memory bank, its InfoNCE and the voxel sampling live in semidiff.methods.contrast; they stay
 # importable from here under their old names.
@@ -158,7 +158,7 @@ class DiffCLOptions(RampOptions):
     hfm_d_state: int = Field(default=16, ge=1)
     hfm_expand: int = Field(default=2, ge=1)
     hfm_d_conv: int = Field(default=4, ge=1)
-    hfm_gate: Literal["multiply", "residual"] = "residual"
+    hfm_gate: HFMGate = "residual"
 
     proj_dim: int = Field(default=64, ge=1)
     proj_hidden: int = Field(default=64, ge=1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from mambapy.mamba import MambaBlock, MambaConfig
@@ -59,10 +59,10 @@ MAMBA_BACKENDS = ("auto", "mambapy", "mamba_ssm")
 
 MambaBackend = Literal["auto", "mambapy", "mamba_ssm"]
 
-#: Accepted values of the ``gate`` option (see the module docstring).
-HFM_GATES = ("multiply", "residual")
-
 HFMGate = Literal["multiply", "residual"]
+
+#: Accepted values of the ``gate`` option (see the module docstring).
+HFM_GATES: tuple[str, ...] = get_args(HFMGate)
 
 
 # ---- high-pass filter ----------------------------------------------------------------------------
@@ -222,6 +222,8 @@ class HFMBlock(nn.Module):
         if spatial_dims not in (2, 3):
             raise ConfigError(f"hfm spatial_dims: must be 2 or 3, got {spatial_dims!r}")
         low_frequency_mask((1,), radius)  # validates radius with a clear message
+        if gate not in HFM_GATES:
+            raise ConfigError(f"hfm gate: unknown value {gate!r}; choose one of {', '.join(HFM_GATES)}")
         self.channels = channels
         self.spatial_dims = spatial_dims
         self.radius = float(radius)
@@ -236,8 +238,6 @@ class HFMBlock(nn.Module):
         if bidirectional and not share_directions:
             self.backward_scan = MambaMixer(width, backend, d_state, expand, d_conv)
         self.proj = nn.Linear(width, channels)
-        if gate not in HFM_GATES:
-            raise ConfigError(f"hfm gate: unknown value {gate!r}; choose one of {', '.join(HFM_GATES)}")
         self.gate_mode = gate
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.gate = conv(channels, channels, kernel_size=1)
