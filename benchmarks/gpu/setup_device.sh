@@ -7,7 +7,7 @@
 #     monai==1.6.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #     mambapy==1.2.0 typing_extensions==4.16.0
 #   python benchmarks/gpu/pack_acdc.py $SEMIDIFF_REALDATA/ACDC .gpudata/pack
-# Then: bash benchmarks/gpu/smoke.sh
+# Then: bash benchmarks/gpu/acdc_grid.sh (real trainings, then step_times.sh)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 SEMIDIFF_REALDATA=/tmp/realdata
 python3 benchmarks/gpu/unpack_acdc.py .gpudata/pack /tmp/realdata || return 1
