@@ -87,7 +87,7 @@ def test_high_pass_keeps_high_and_drops_low_frequencies():
 
 @pytest.mark.parametrize("shape", [(2, 8, 6, 5), (2, 8, 4, 3, 5)])
 def test_hfm_block_keeps_shape_and_gates_with_a_residual(shape):
-    block = HFMBlock(8, len(shape) - 2, radius=0.25, backend="mambapy", d_state=4)
+    block = HFMBlock(8, len(shape) - 2, radius=0.25, backend="mambapy", d_state=4, gate="multiply")
     x = torch.randn(shape)
     y = block(x)
     assert y.shape == x.shape
@@ -118,7 +118,7 @@ def test_residual_gate_starts_as_the_identity_and_learns_through_the_mamba(shape
     assert block.forward_scan.block.in_proj.weight.grad.abs().sum() > 0
     # The multiplicative gate of the spec is not the identity at start.
     torch.manual_seed(0)
-    assert not torch.allclose(HFMBlock(8, len(shape) - 2, backend="mambapy", d_state=4)(x), x)
+    assert not torch.allclose(HFMBlock(8, len(shape) - 2, backend="mambapy", d_state=4, gate="multiply")(x), x)
 
 
 def test_bidirectional_scan_sees_later_tokens_one_way_does_not():
@@ -161,8 +161,8 @@ def test_mamba_backend_choice():
 @pytest.mark.skipif(not (torch.cuda.is_available() and mamba_ssm_available()), reason="needs CUDA and mamba_ssm")
 def test_mamba_ssm_matches_mambapy_on_the_same_weights():
     torch.manual_seed(0)
-    block = HFMBlock(16, 3, backend="mambapy").cuda()
-    fast = HFMBlock(16, 3, backend="mamba_ssm").cuda()
+    block = HFMBlock(16, 3, backend="mambapy", gate="multiply").cuda()  # not the identity at start
+    fast = HFMBlock(16, 3, backend="mamba_ssm", gate="multiply").cuda()
     fast.load_state_dict(block.state_dict())
     x = torch.randn(2, 16, 6, 6, 4, device="cuda")
     torch.testing.assert_close(fast(x), block(x), atol=1e-4, rtol=1e-3)
@@ -173,7 +173,8 @@ def test_add_hfm_transforms_only_the_chosen_skips(dims):
     spec = _spec(dims)
     torch.manual_seed(0)
     plain = create_net(spec.name, 1, 3, **spec.options)
-    wrapped = add_hfm(plain, [3, -1], backend="mambapy", dim=4, d_state=4)
+    # The multiplicative gate changes a skip from the start (the residual one is the identity then).
+    wrapped = add_hfm(plain, [3, -1], backend="mambapy", dim=4, d_state=4, gate="multiply")
     assert isinstance(wrapped, SkipTransformNet) and wrapped.levels == [3, 4]
     plain.eval()
     wrapped.eval()

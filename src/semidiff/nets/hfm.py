@@ -200,8 +200,10 @@ class HFMBlock(nn.Module):
         d_state: Mamba state size.
         expand: Mamba inner width factor.
         d_conv: Mamba convolution width.
-        gate: How the Mamba branch acts on ``X``: ``multiply`` (``X * (1 + sigmoid(conv(.)))``) or
-            ``residual`` (``X + conv(.)``, the convolution zero-initialised: the identity at start).
+        gate: How the Mamba branch acts on ``X``: ``residual`` (default: ``X + conv(.)``, the
+            convolution zero-initialised, so the block starts as the identity) or ``multiply``
+            (the spec's ``X * (1 + sigmoid(conv(.)))``, whose sigmoid saturates in training:
+            docs/methods/diffcl.md).
     """
 
     def __init__(
@@ -216,7 +218,7 @@ class HFMBlock(nn.Module):
         d_state: int = 16,
         expand: int = 2,
         d_conv: int = 4,
-        gate: HFMGate = "multiply",
+        gate: HFMGate = "residual",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -349,7 +351,7 @@ def add_hfm(
     d_state: int = 16,
     expand: int = 2,
     d_conv: int = 4,
-    gate: HFMGate = "multiply",
+    gate: HFMGate = "residual",
 ) -> SegmentationNet:
     """``net`` with an :class:`HFMBlock` on each skip level of ``levels``.
 
