@@ -8,6 +8,7 @@ set -u
 before=$(cd "$1" && pwd); reps=${2:-2}; threads=${3:-2}
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$here/.venv/bin/python}
+source "$here/benchmarks/steady_step.sh"
 cores=$(seq -s, 0 $((threads - 1)))
 export OMP_NUM_THREADS=$threads SEMIDIFF_REALDATA=${SEMIDIFF_REALDATA:-$(cd "$here/.." && pwd)/shared/realdata}
 steps() { # checkout config overrides...: prints "precision s/step"
@@ -17,9 +18,7 @@ steps() { # checkout config overrides...: prints "precision s/step"
 }
 for rep in $(seq "$reps"); do
   for m in supervised mean_teacher ua_mt cps bcp diffcl protodiff; do
-    extra=()  # the step the method spends most of its run in: after pre-training / warm-up
-    [ "$m" = bcp ] && extra=(method.options.pretrain_steps=0)
-    [ "$m" = protodiff ] && extra=(method.options.warmup=0)
+    read -ra extra <<< "$(steady_step_overrides "$m")"
     echo "$rep $m before $(steps "$before" "configs/acdc/${m}_reduced.yaml" "${extra[@]}") after $(steps "$here" "configs/acdc/${m}_reduced.yaml" "${extra[@]}")"
   done
 done

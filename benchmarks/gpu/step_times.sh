@@ -4,10 +4,10 @@
 # ProtoDiff after warm-up. Run after `source benchmarks/gpu/setup_device.sh`; writes $OUT/steps.md.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/steady_step.sh
 t0=$(date +%s)
 for m in supervised mean_teacher ua_mt cps bcp diffcl protodiff protodiff_unet; do
-  extra=""; [ ${m%_unet} = protodiff ] && extra="method.options.warmup=0"; [ $m = bcp ] && extra="method.options.pretrain_steps=0"
-  OMP_NUM_THREADS=1 timeout 100 python3 benchmarks/step_time.py configs/acdc/${m}_reduced.yaml train.accelerator=gpu $extra \
+  OMP_NUM_THREADS=1 timeout 100 python3 benchmarks/step_time.py configs/acdc/${m}_reduced.yaml train.accelerator=gpu $(steady_step_overrides $m) \
     --steps 20 --device cuda > "/tmp/step_$m.md" 2> "/tmp/step_$m.err" &
 done
 wait
