@@ -607,3 +607,60 @@ def test_balanced_sampling_leaves_out_voxels_marked_minus_one():
     classes = torch.tensor([0] * 50 + [-1] * 50 + [1] * 50)
     idx = sample_balanced(classes, 40, 2)
     assert len(idx) == 40 and (classes[idx] >= 0).all()
+
+
+def test_strong_view_cs_learns_the_weak_views_pseudo_labels_on_the_mixed_images(monkeypatch):
+    """``cs_view: strong``: CS labels the weak view (no gradient), learns on the strong view, and
+    DS's pseudo-labels, the mask and the agreement follow the same CutMix geometry."""
+    from semidiff.data.transforms import cutmix
+    from semidiff.methods.common import StrongViewOptions
+
+    method = _method(2, cs_view="strong", pseudo_mask="both", pseudo_threshold=0.0, pseudo_loss="ce",
+                     contrast_anchors="agree", jitter_contrast=0.0, jitter_brightness=0.0, blur_prob=0.0,
+                     cutmix_prob=1.0)
+    labeled, unlabeled = _batch(2, n_u=3)
+    x_l, x_u = labeled["image"], unlabeled["image"]
+    # DS "samples" class i on the left half and class i + 1 on the right half of image i.
+    ds_labels = torch.arange(3).view(3, 1, 1, 1).repeat(1, 1, 32, 32)
+    ds_labels[..., 16:] = (ds_labels[..., 16:] + 1) % 3
+    probs = F.one_hot(ds_labels[:, 0], 3).movedim(-1, 1).float()
+    monkeypatch.setattr(method, "sample_ds", lambda image, steps, eval_mode=False: probs)
+    masks, cs_inputs, cs_targets = [], [], []
+    real_view = StrongViewOptions.strong_view
+
+    def spy_view(self, images):
+        out = real_view(self, images)
+        masks.append(out[1])
+        return out
+
+    monkeypatch.setattr(StrongViewOptions, "strong_view", spy_view)
+    real_cs_forward = method.cs.forward
+    monkeypatch.setattr(method.cs, "forward", lambda x, **kw: (cs_inputs.append(x), real_cs_forward(x, **kw))[1])
+    real_loss = method.pseudo_loss
+    monkeypatch.setattr(method, "pseudo_loss",
+                        lambda logits, labels, mask: (cs_targets.append(labels), real_loss(logits, labels, mask))[1])
+    parts = method.training_step(labeled, unlabeled, Progress(5, 10))
+
+    mask = masks[0]
+    assert mask is not None and 0 < mask.mean() < 1
+    weak, strong = cs_inputs
+    torch.testing.assert_close(weak, x_u)  # CS's own pseudo-labels come from the weak view
+    torch.testing.assert_close(strong, torch.cat([x_l, cutmix(x_u, mask)]))
+    assert not torch.equal(strong[2:], x_u)
+    # cs_targets: [DS's pseudo-loss target (CS's weak labels), CS's target (DS's labels, mixed)]
+    torch.testing.assert_close(cs_targets[1], cutmix(ds_labels, mask))
+    assert not torch.equal(cs_targets[1], ds_labels)
+    assert torch.isfinite(parts["loss"]) and 0 <= parts["pseudo_mask_ratio"] <= 1
+    parts["loss"].backward()
+
+
+def test_same_view_cs_sees_the_unlabeled_images_as_they_are(monkeypatch):
+    method = _method(2, pseudo_mask="both", contrast_anchors="agree")
+    assert method.options.cs_view == "same"
+    labeled, unlabeled = _batch(2)
+    cs_inputs = []
+    real_cs_forward = method.cs.forward
+    monkeypatch.setattr(method.cs, "forward", lambda x, **kw: (cs_inputs.append(x), real_cs_forward(x, **kw))[1])
+    method.training_step(labeled, unlabeled, Progress(5, 10))
+    assert len(cs_inputs) == 1  # one forward of CS, on labeled + unlabeled images unchanged
+    torch.testing.assert_close(cs_inputs[0], torch.cat([labeled["image"], unlabeled["image"]]))

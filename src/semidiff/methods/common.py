@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 from scipy import ndimage
 from torch import Tensor, nn
 from torch.profiler import record_function
@@ -24,8 +24,11 @@ from torch.profiler import record_function
 from semidiff import profiling
 from semidiff.data.transforms import (  # re-exported: shared augmentations
     block_mask,
+    cutmix,
     input_noise,
+    intensity_jitter,
     mix,
+    random_blur,
 )
 from semidiff.errors import ConfigError
 from semidiff.methods.base import Method, MethodOptions, NetSpec, Progress
@@ -33,6 +36,7 @@ from semidiff.nets import create_net
 
 __all__ = [
     "RampOptions",
+    "StrongViewOptions",
     "TeacherOptions",
     "TeacherStudentMethod",
     "block_mask",
@@ -106,6 +110,50 @@ class RampOptions(MethodOptions):
         else:
             length = round(self.rampup_fraction * progress.max_steps)
         return sigmoid_rampup(progress.step, length)
+
+
+class StrongViewOptions(MethodOptions):
+    """Options of the strong view of unlabeled images (weak-to-strong consistency, as FixMatch).
+
+    The teacher labels the weak view (the data pipeline's augmentation); the student learns those
+    labels on the strong one. ProtoDiff always does this; Diff-CL with ``cs_view: strong``.
+
+    Attributes:
+        jitter_contrast: Contrast factor drawn from ``1 +- jitter_contrast``.
+        jitter_brightness: Shift drawn from ``+- jitter_brightness`` image stds.
+        blur_prob: Probability of a Gaussian blur per image.
+        blur_sigma: Blur sigma range in voxels.
+        cutmix_prob: Probability of CutMix in a step.
+        cutmix_ratio: CutMix block side as a fraction of each axis.
+    """
+
+    jitter_contrast: float = Field(default=0.2, ge=0.0, lt=1.0)
+    jitter_brightness: float = Field(default=0.1, ge=0.0)
+    blur_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    cutmix_prob: float = Field(default=0.5, ge=0.0, le=1.0)
+    cutmix_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+
+    @field_validator("blur_sigma")
+    @classmethod
+    def _check_sigma(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1]:
+            raise ValueError("needs 0 < low <= high")
+        return v
+
+    def strong_view(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Intensity jitter and blur of ``images``, then CutMix; returns the mask for the maps.
+
+        Returns:
+            ``(strong images, mask)``; apply :func:`cutmix` with ``mask`` (resized to their grid)
+            to every map that must follow the geometry. ``mask`` is None when CutMix is skipped.
+        """
+        x = random_blur(intensity_jitter(images, self.jitter_contrast, self.jitter_brightness),
+                        self.blur_prob, self.blur_sigma)
+        mask = None
+        if self.cutmix_prob > 0 and float(torch.rand(())) < self.cutmix_prob:
+            mask = block_mask(images.shape[2:], self.cutmix_ratio, images.device)
+        return cutmix(x, mask), mask
 
 
 # ---- networks and the EMA teacher ---------------------------------------------------------------

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from semidiff import profiling
+from semidiff.data.transforms import cutmix
 from semidiff.diffusion import LabelDiffusion
 from semidiff.errors import ConfigError
 from semidiff.methods.base import (
@@ -49,6 +50,7 @@ from semidiff.methods.base import (
 )
 from semidiff.methods.common import (
     RampOptions,
+    StrongViewOptions,
     build_net,
     require_unlabeled,
     softmax_probs,
@@ -69,7 +71,7 @@ __all__ = ["DiffCL", "DiffCLOptions"]
 
 
 # ---- options -----------------------------------------------------------------------------------
-class DiffCLOptions(RampOptions):
+class DiffCLOptions(RampOptions, StrongViewOptions):
     """``method.options`` of ``diffcl`` (every [default] of docs/methods.md section 1).
 
     Attributes:
@@ -125,6 +127,15 @@ class DiffCLOptions(RampOptions):
             on, batch statistics) or ``eval`` (as at test time).
         contrast_anchors: Classes of the unlabeled anchors of the contrastive term: ``ds`` (DS's
             pseudo-class for every voxel) or ``agree`` (only voxels where DS and CS agree).
+        cs_view: What CS learns its peer's pseudo-labels on: ``same`` (the unlabeled images both
+            networks see, the paper's reading) or ``strong`` (a strong view of them: intensity
+            jitter, blur, CutMix; the pseudo-labels, confidences and agreement come from the
+            weak view, as in FixMatch). With the confidence/agreement guards and ``same``, CS
+            learns only where it already predicts its peer's class, so ``loss_c_pseudo`` is ~20x
+            smaller than ``loss_c_sup`` and the peer adds nothing (docs/methods/diffcl.md);
+            ``strong`` costs one more forward of CS (no gradient) on the weak view.
+        jitter_contrast, jitter_brightness, blur_prob, blur_sigma, cutmix_prob, cutmix_ratio: The
+            strong view of ``cs_view: strong`` (:class:`~semidiff.methods.common.StrongViewOptions`).
         mu1: Weight of ``L_d_pseudo`` (times the ramp).
         mu2: Weight of ``L_c_pseudo + eta L_contrast`` (times the ramp).
         eta: Weight of ``L_contrast`` inside CS's unlabeled loss (0.1).
@@ -173,6 +184,7 @@ class DiffCLOptions(RampOptions):
     pseudo_loss: Literal["seg", "ce"] = "seg"
     ds_sample_mode: Literal["train", "eval"] = "train"
     contrast_anchors: Literal["ds", "agree"] = "ds"
+    cs_view: Literal["same", "strong"] = "same"
 
     mu1: float = Field(default=1.0, ge=0.0)
     mu2: float = Field(default=1.0, ge=0.0)
@@ -325,13 +337,23 @@ class DiffCL(Method):
         ramp = o.ramp(progress)
         mu1, mu2 = o.mu1 * ramp, o.mu2 * ramp
 
-        logits_cs, features = self.cs(x, return_features=True)
+        strong = x_u is not None and o.cs_view == "strong"
+        mix_mask: Tensor | None = None
+        if strong:
+            assert x_u is not None
+            with torch.no_grad():  # CS's weak-view guess: its label for the peer and the agreement
+                logits_cs_weak = self.cs(x_u).detach()
+            x_s, mix_mask = o.strong_view(x_u)
+            logits_cs, features = self.cs(torch.cat([x_l, x_s]), return_features=True)
+        else:
+            logits_cs, features = self.cs(x, return_features=True)
+            logits_cs_weak = logits_cs[n_l:].detach()
         parts: dict[str, Tensor] = {"loss_c_sup": seg_loss(logits_cs[:n_l], y_l)}
         loss = parts["loss_c_sup"]
-        pseudo_u: Tensor | None = None  # the peer's hard labels of the unlabeled images
+        pseudo_u: Tensor | None = None  # the peer's hard labels of the unlabeled images (CS's view)
         if x_u is not None:
             # CS's own hard labels (and confidences) for its peer, no gradient through them.
-            conf_cs, plab_cs = torch.softmax(logits_cs[n_l:].detach().float(), dim=1).max(1, keepdim=True)
+            conf_cs, plab_cs = torch.softmax(logits_cs_weak.float(), dim=1).max(1, keepdim=True)
             plab_cs = self.corrupt_pseudo(plab_cs)
             if o.peer == "ds":
                 assert self.ds is not None
@@ -356,12 +378,16 @@ class DiffCL(Method):
             parts[peer_pseudo] = self.pseudo_loss(logits_peer[n_l:], plab_cs,
                                                   self.pseudo_mask(conf_cs, plab_cs, peer_labels))
             mask_c = self.pseudo_mask(conf_peer, pseudo_u, plab_cs)
+            agree = pseudo_u == plab_cs
+            if strong:  # the weak view's labels, mask and agreement follow CS's CutMix geometry
+                pseudo_u, agree = cutmix(pseudo_u, mix_mask), cutmix(agree, mix_mask)
+                mask_c = None if mask_c is None else cutmix(mask_c, mix_mask)
             parts["loss_c_pseudo"] = self.pseudo_loss(logits_cs[n_l:], pseudo_u, mask_c)
             if mask_c is not None:
                 parts["pseudo_mask_ratio"] = mask_c.mean()
             loss = loss + parts[peer_sup] + mu1 * parts[peer_pseudo] + mu2 * parts["loss_c_pseudo"]
             if o.contrast_anchors == "agree":  # unlabeled anchors only where the two networks agree
-                pseudo_u = torch.where(pseudo_u == plab_cs, pseudo_u, torch.full_like(pseudo_u, -1))
+                pseudo_u = torch.where(agree, pseudo_u, torch.full_like(pseudo_u, -1))
 
         self._pending_push = None
         if o.use_contrast:

@@ -33,12 +33,12 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
 from torch.profiler import record_function
 
 from semidiff import profiling
-from semidiff.data.transforms import block_mask, cutmix, intensity_jitter, random_blur
+from semidiff.data.transforms import cutmix
 from semidiff.diffusion.label_diffusion import LabelDiffusion
 from semidiff.errors import ConfigError
 from semidiff.methods.base import (
@@ -52,6 +52,7 @@ from semidiff.methods.base import (
 from semidiff.methods.common import (
     RampOptions,
     StepsOrFraction,
+    StrongViewOptions,
     TeacherOptions,
     ema_update,
     make_ema_copy,
@@ -82,7 +83,7 @@ _RESERVED_NET_OPTIONS = ("spatial_dims", "label_scale")
 
 
 # ---- options ------------------------------------------------------------------------------------
-class ProtoDiffOptions(TeacherOptions, RampOptions):
+class ProtoDiffOptions(TeacherOptions, RampOptions, StrongViewOptions):
     """``method.options`` of ``protodiff``; every [default] of methods.md section 2 is one here.
 
     Attributes:
@@ -106,12 +107,8 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
         lambda_p: Weight of ``L_proto`` (0.1), ramped by ``r(t)``.
         warmup: Supervised-only steps before the unlabeled terms and the prototypes start: an
             integer number of steps or a float fraction of ``train.max_steps`` (0.1).
-        jitter_contrast: Strong view: contrast factor drawn from ``1 +- jitter_contrast``.
-        jitter_brightness: Strong view: shift drawn from ``+- jitter_brightness`` image stds.
-        blur_prob: Strong view: probability of a Gaussian blur per image.
-        blur_sigma: Strong view: blur sigma range in voxels.
-        cutmix_prob: Probability of CutMix in a step.
-        cutmix_ratio: CutMix block side as a fraction of each axis.
+        jitter_contrast, jitter_brightness, blur_prob, blur_sigma, cutmix_prob, cutmix_ratio: The
+            strong view (:class:`~semidiff.methods.common.StrongViewOptions`).
         prototype_loss: ``"both"`` (InfoNCE + consistency), ``"infonce"``, ``"consistency"`` or
             ``"none"`` (no prototype term, no prototypes): the ablation switch.
         prototype_momentum: EMA momentum of the prototypes (0.99; the paper's range 0.99-0.999).
@@ -135,25 +132,12 @@ class ProtoDiffOptions(TeacherOptions, RampOptions):
     lambda_u: float = Field(default=1.0, ge=0.0)
     lambda_p: float = Field(default=0.1, ge=0.0)
     warmup: StepsOrFraction = 0.1
-    jitter_contrast: float = Field(default=0.2, ge=0.0, lt=1.0)
-    jitter_brightness: float = Field(default=0.1, ge=0.0)
-    blur_prob: float = Field(default=0.5, ge=0.0, le=1.0)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    cutmix_prob: float = Field(default=0.5, ge=0.0, le=1.0)
-    cutmix_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
     prototype_loss: Literal["both", "infonce", "consistency", "none"] = "both"
     prototype_momentum: float = Field(default=0.99, ge=0.0, lt=1.0)
     prototype_unlabeled_weight: float = Field(default=0.0, ge=0.0)
     temperature: float = Field(default=0.1, gt=0.0)
     consistency_weight: float = Field(default=1.0, ge=0.0)
     pixels_per_class: int | None = Field(default=512, ge=1)
-
-    @field_validator("blur_sigma")
-    @classmethod
-    def _check_sigma(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0.0 < v[0] <= v[1]:
-            raise ValueError("needs 0 < low <= high")
-        return v
 
     @model_validator(mode="after")
     def _check_steps(self) -> ProtoDiffOptions:
@@ -301,18 +285,8 @@ class ProtoDiff(Method):
 
     # ---- strong view ---------------------------------------------------------------------------
     def strong_view(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Intensity jitter and blur of ``images``, then CutMix; returns the mask for the maps.
-
-        Returns:
-            ``(strong images, mask)``; apply :func:`cutmix` with ``mask`` (resized to their grid)
-            to every map that must follow the geometry. ``mask`` is None when CutMix is skipped.
-        """
-        o = self.options
-        x = random_blur(intensity_jitter(images, o.jitter_contrast, o.jitter_brightness), o.blur_prob, o.blur_sigma)
-        mask = None
-        if o.cutmix_prob > 0 and float(torch.rand(())) < o.cutmix_prob:
-            mask = block_mask(images.shape[2:], o.cutmix_ratio, images.device)
-        return cutmix(x, mask), mask
+        """Intensity jitter and blur of ``images``, then CutMix (:meth:`StrongViewOptions.strong_view`)."""
+        return self.options.strong_view(images)
 
     # ---- training ------------------------------------------------------------------------------
     def training_step(self, labeled, unlabeled, progress: Progress) -> dict[str, Tensor]:
