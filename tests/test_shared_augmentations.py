@@ -55,8 +55,9 @@ def test_moved_augmentations_give_the_recorded_values_for_a_fixed_seed():
 
 
 @pytest.mark.parametrize(("module", "names"), [
-    ("semidiff.methods.protodiff", ("intensity_jitter", "random_blur", "cutmix", "block_mask")),
-    ("semidiff.methods.common", ("block_mask", "mix", "input_noise")),
+    ("semidiff.methods.protodiff", ("cutmix",)),
+    ("semidiff.methods.diffcl", ("cutmix",)),
+    ("semidiff.methods.common", ("block_mask", "mix", "input_noise", "intensity_jitter", "random_blur", "cutmix")),
 ])
 def test_methods_use_the_one_shared_copy(module, names):
     """Old import paths still work and reach the shared function, not a second copy."""
