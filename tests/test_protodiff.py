@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from semidiff.config import config_from_dict, load_config
-from semidiff.data.transforms import cutmix, intensity_jitter
 from semidiff.errors import ConfigError
 from semidiff.methods import NetSpec, Progress, create_method, list_methods
 from semidiff.methods.protodiff import (
     ProtoDiff,
     class_feature_sums,
+    cutmix,
+    intensity_jitter,
     prototype_infonce,
     prototype_kl,
     update_prototypes,

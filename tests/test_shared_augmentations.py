@@ -55,7 +55,7 @@ def test_moved_augmentations_give_the_recorded_values_for_a_fixed_seed():
 
 
 @pytest.mark.parametrize(("module", "names"), [
-    ("semidiff.methods.protodiff", ("cutmix",)),
+    ("semidiff.methods.protodiff", ("intensity_jitter", "random_blur", "cutmix", "block_mask")),
     ("semidiff.methods.diffcl", ("cutmix",)),
     ("semidiff.methods.common", ("block_mask", "mix", "input_noise", "intensity_jitter", "random_blur", "cutmix")),
 ])

@@ -341,8 +341,10 @@ class DiffCL(Method):
         mix_mask: Tensor | None = None
         if strong:
             assert x_u is not None
-            with torch.no_grad():  # CS's weak-view guess: its label for the peer and the agreement
-                logits_cs_weak = self.cs(x_u).detach()
+            # CS's weak-view guess: its label for the peer and the agreement. Train mode, as the
+            # one-view path: BatchNorm uses (and its running statistics see) this batch too.
+            with torch.no_grad():
+                logits_cs_weak = self.cs(x_u)
             x_s, mix_mask = o.strong_view(x_u)
             logits_cs, features = self.cs(torch.cat([x_l, x_s]), return_features=True)
         else:

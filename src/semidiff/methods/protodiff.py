@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from semidiff import profiling
-from semidiff.data.transforms import cutmix
+from semidiff.data.transforms import block_mask, cutmix, intensity_jitter, random_blur  # noqa: F401 (old import paths)
 from semidiff.diffusion.label_diffusion import LabelDiffusion
 from semidiff.errors import ConfigError
 from semidiff.methods.base import (
