@@ -664,3 +664,38 @@ def test_same_view_cs_sees_the_unlabeled_images_as_they_are(monkeypatch):
     method.training_step(labeled, unlabeled, Progress(5, 10))
     assert len(cs_inputs) == 1  # one forward of CS, on labeled + unlabeled images unchanged
     torch.testing.assert_close(cs_inputs[0], torch.cat([labeled["image"], unlabeled["image"]]))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_weak_view_pass_runs_in_the_chosen_mode_and_restores_train_mode(monkeypatch, mode):
+    method = _method(2, cs_view="strong", pseudo_mask="both", cs_weak_mode=mode)
+    method.train()
+    labeled, unlabeled = _batch(2)
+    modes = []
+    real_cs_forward = method.cs.forward
+    monkeypatch.setattr(method.cs, "forward",
+                        lambda x, **kw: (modes.append(method.cs.training), real_cs_forward(x, **kw))[1])
+    method.training_step(labeled, unlabeled, Progress(5, 10))
+    assert modes == [mode == "train", True]  # weak view (no gradient), then the strong view
+    assert method.cs.training
+
+
+def test_ds_pseudo_mask_sets_the_cs_to_ds_direction_alone(monkeypatch):
+    """``ds_pseudo_mask: confidence``: DS learns CS's confident labels where it disagrees with CS,
+    while CS still learns only where both agree (``pseudo_mask: both``)."""
+    masks = {}
+    for ds_kind in (None, "confidence"):
+        method = _method(2, pseudo_mask="both", pseudo_threshold=0.0, ds_pseudo_mask=ds_kind)
+        calls = []
+        real_mask = method.pseudo_mask
+        monkeypatch.setattr(method, "pseudo_mask", lambda *a: (calls.append(a[3:]), real_mask(*a))[1])
+        real_loss = method.pseudo_loss
+        seen = []
+        monkeypatch.setattr(method, "pseudo_loss", lambda logits, labels, mask: (seen.append(mask), real_loss(logits, labels, mask))[1])
+        labeled, unlabeled = _batch(2)
+        method.training_step(labeled, unlabeled, Progress(5, 10))
+        assert calls == [(ds_kind,), ()]  # DS's direction first, then CS's with pseudo_mask
+        masks[ds_kind] = seen
+    # Threshold 0: confidence keeps every voxel; both keeps only agreeing ones (an untrained pair disagrees).
+    assert masks["confidence"][0].min() == 1
+    assert masks[None][0].mean() < 1

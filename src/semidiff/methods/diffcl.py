@@ -120,6 +120,9 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
             ``none`` (all, the paper's reading), ``confidence`` (the teaching network's
             probability at least ``pseudo_threshold``), ``agreement`` (DS and CS predict the
             same class) or ``both``. A weak peer then teaches only where it is sure or agrees.
+        ds_pseudo_mask: ``pseudo_mask`` of the CS -> DS direction alone; None: ``pseudo_mask``.
+            ``confidence`` lets the stronger CS teach DS where DS disagrees (with ``both``, DS
+            learns only where it already predicts CS's class).
         pseudo_threshold: Confidence threshold of ``pseudo_mask: confidence | both``.
         pseudo_loss: Loss on pseudo-labels: ``seg`` (0.5 CE + 0.5 Dice, as on labels) or ``ce``
             (cross-entropy only, averaged over the masked voxels).
@@ -134,6 +137,8 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
             learns only where it already predicts its peer's class, so ``loss_c_pseudo`` is ~20x
             smaller than ``loss_c_sup`` and the peer adds nothing (docs/methods/diffcl.md);
             ``strong`` costs one more forward of CS (no gradient) on the weak view.
+        cs_weak_mode: CS's mode in that weak-view pass: ``train`` (dropout on, batch statistics)
+            or ``eval`` (as at test time, like a teacher's labels).
         jitter_contrast, jitter_brightness, blur_prob, blur_sigma, cutmix_prob, cutmix_ratio: The
             strong view of ``cs_view: strong`` (:class:`~semidiff.methods.common.StrongViewOptions`).
         mu1: Weight of ``L_d_pseudo`` (times the ramp).
@@ -180,11 +185,13 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
     contrast_labeled: bool = True
 
     pseudo_mask: Literal["none", "confidence", "agreement", "both"] = "none"
+    ds_pseudo_mask: Literal["none", "confidence", "agreement", "both"] | None = None
     pseudo_threshold: float = Field(default=0.9, ge=0.0, le=1.0)
     pseudo_loss: Literal["seg", "ce"] = "seg"
     ds_sample_mode: Literal["train", "eval"] = "train"
     contrast_anchors: Literal["ds", "agree"] = "ds"
     cs_view: Literal["same", "strong"] = "same"
+    cs_weak_mode: Literal["train", "eval"] = "train"
 
     mu1: float = Field(default=1.0, ge=0.0)
     mu2: float = Field(default=1.0, ge=0.0)
@@ -272,21 +279,24 @@ class DiffCL(Method):
         finally:
             ds.train(was_training)
 
-    def pseudo_mask(self, confidence: Tensor, teacher_labels: Tensor, student_labels: Tensor) -> Tensor | None:
+    def pseudo_mask(self, confidence: Tensor, teacher_labels: Tensor, student_labels: Tensor,
+                    kind: str | None = None) -> Tensor | None:
         """Voxel weights of a pseudo-label loss (``pseudo_mask``): None when every voxel counts.
 
         Args:
             confidence: ``(B, 1, *spatial)`` the teaching network's probability of its label.
             teacher_labels: ``(B, 1, *spatial)`` the pseudo-labels.
             student_labels: ``(B, 1, *spatial)`` the learning network's own hard labels.
+            kind: The mask rule; None: ``pseudo_mask``.
         """
         o = self.options
-        if o.pseudo_mask == "none":
+        kind = o.pseudo_mask if kind is None else kind
+        if kind == "none":
             return None
         mask = torch.ones_like(confidence)
-        if o.pseudo_mask in ("confidence", "both"):
+        if kind in ("confidence", "both"):
             mask = mask * (confidence >= o.pseudo_threshold).float()
-        if o.pseudo_mask in ("agreement", "both"):
+        if kind in ("agreement", "both"):
             mask = mask * (teacher_labels == student_labels).float()
         return mask
 
@@ -341,10 +351,16 @@ class DiffCL(Method):
         mix_mask: Tensor | None = None
         if strong:
             assert x_u is not None
-            # CS's weak-view guess: its label for the peer and the agreement. Train mode, as the
-            # one-view path: BatchNorm uses (and its running statistics see) this batch too.
+            # CS's weak-view guess: its label for the peer and the agreement. Train mode (default)
+            # as the one-view path: dropout on, BatchNorm uses and records this batch; eval mode
+            # labels as at test time.
             with torch.no_grad():
-                logits_cs_weak = self.cs(x_u)
+                was_training = self.cs.training
+                self.cs.train(o.cs_weak_mode == "train")
+                try:
+                    logits_cs_weak = self.cs(x_u)
+                finally:
+                    self.cs.train(was_training)
             x_s, mix_mask = o.strong_view(x_u)
             logits_cs, features = self.cs(torch.cat([x_l, x_s]), return_features=True)
         else:
@@ -378,7 +394,7 @@ class DiffCL(Method):
             peer_labels = logits_peer[n_l:].detach().argmax(1, keepdim=True)  # the peer's own guess
             parts[peer_sup] = seg_loss(logits_peer[:n_l], y_l)
             parts[peer_pseudo] = self.pseudo_loss(logits_peer[n_l:], plab_cs,
-                                                  self.pseudo_mask(conf_cs, plab_cs, peer_labels))
+                                                  self.pseudo_mask(conf_cs, plab_cs, peer_labels, o.ds_pseudo_mask))
             mask_c = self.pseudo_mask(conf_peer, pseudo_u, plab_cs)
             agree = pseudo_u == plab_cs
             if strong:  # the weak view's labels, mask and agreement follow CS's CutMix geometry
