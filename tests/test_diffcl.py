@@ -680,22 +680,27 @@ def test_weak_view_pass_runs_in_the_chosen_mode_and_restores_train_mode(monkeypa
     assert method.cs.training
 
 
+def _masks_of_one_step(monkeypatch, method):
+    """(the ``kind`` argument of each ``pseudo_mask`` call, the mask each ``pseudo_loss`` got) of one step."""
+    calls, seen = [], []
+    real_mask, real_loss = method.pseudo_mask, method.pseudo_loss
+    monkeypatch.setattr(method, "pseudo_mask", lambda *a: (calls.append(a[3:]), real_mask(*a))[1])
+    monkeypatch.setattr(method, "pseudo_loss",
+                        lambda logits, labels, mask: (seen.append(mask), real_loss(logits, labels, mask))[1])
+    labeled, unlabeled = _batch(2)
+    method.training_step(labeled, unlabeled, Progress(5, 10))
+    return calls, seen
+
+
 def test_ds_pseudo_mask_sets_the_cs_to_ds_direction_alone(monkeypatch):
     """``ds_pseudo_mask: confidence``: DS learns CS's confident labels where it disagrees with CS,
     while CS still learns only where both agree (``pseudo_mask: both``)."""
     masks = {}
     for ds_kind in (None, "confidence"):
         method = _method(2, pseudo_mask="both", pseudo_threshold=0.0, ds_pseudo_mask=ds_kind)
-        calls = []
-        real_mask = method.pseudo_mask
-        monkeypatch.setattr(method, "pseudo_mask", lambda *a: (calls.append(a[3:]), real_mask(*a))[1])
-        real_loss = method.pseudo_loss
-        seen = []
-        monkeypatch.setattr(method, "pseudo_loss", lambda logits, labels, mask: (seen.append(mask), real_loss(logits, labels, mask))[1])
-        labeled, unlabeled = _batch(2)
-        method.training_step(labeled, unlabeled, Progress(5, 10))
+        calls, masks[ds_kind] = _masks_of_one_step(monkeypatch, method)
         assert calls == [(ds_kind,), ()]  # DS's direction first, then CS's with pseudo_mask
-        masks[ds_kind] = seen
     # Threshold 0: confidence keeps every voxel; both keeps only agreeing ones (an untrained pair disagrees).
     assert masks["confidence"][0].min() == 1
     assert masks[None][0].mean() < 1
+    assert masks["confidence"][1].mean() < 1  # CS's direction keeps the agreement
