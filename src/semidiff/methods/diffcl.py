@@ -62,6 +62,7 @@ from semidiff.methods.contrast import (
     sample_per_class,
 )
 from semidiff.methods.losses import ce_loss, seg_loss, without_ignored
+from semidiff.nets.blocks import in_mode
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
 from semidiff.nets.hfm import HFMGate, add_hfm
 
@@ -270,14 +271,9 @@ class DiffCL(Method):
             raise ConfigError("method.options.peer: the 'ds' output needs the diffusion segmenter (peer: ds)")
         ds = self.ds
         shape = (image.shape[0], self.num_classes, *image.shape[2:])
-        was_training = ds.training
-        if eval_mode:
-            ds.eval()
-        try:
+        with in_mode(ds, training=ds.training and not eval_mode):
             return self.diffusion.ddim_sample(lambda y, t: ds(image, y, t), shape, steps, device=image.device,
                                               generator=generator, average=self.options.ddim_average)
-        finally:
-            ds.train(was_training)
 
     def pseudo_mask(self, confidence: Tensor, teacher_labels: Tensor, student_labels: Tensor,
                     kind: str | None = None) -> Tensor | None:
@@ -354,13 +350,8 @@ class DiffCL(Method):
             # CS's weak-view guess: its label for the peer and the agreement. Train mode (default)
             # as the one-view path: dropout on, BatchNorm uses and records this batch; eval mode
             # labels as at test time.
-            with torch.no_grad():
-                was_training = self.cs.training
-                self.cs.train(o.cs_weak_mode == "train")
-                try:
-                    logits_cs_weak = self.cs(x_u)
-                finally:
-                    self.cs.train(was_training)
+            with torch.no_grad(), in_mode(self.cs, training=o.cs_weak_mode == "train"):
+                logits_cs_weak = self.cs(x_u)
             x_s, mix_mask = o.strong_view(x_u)
             logits_cs, features = self.cs(torch.cat([x_l, x_s]), return_features=True)
         else:

@@ -10,7 +10,8 @@ overriding one method, and every network accepts any input size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ __all__ = [
     "check_sequence",
     "crop_to",
     "dropout_layer",
+    "in_mode",
     "init_weights",
     "make_norm",
     "pad_to_multiple",
@@ -263,3 +265,13 @@ def dropout_layer(p: float, spatial_dims: int | None = None) -> nn.Module:
         return nn.Dropout2d(p)
     return nn.Dropout(p)
 
+
+@contextlib.contextmanager
+def in_mode(net: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Run ``net`` in train (``training``) or eval mode inside the block, then restore its mode."""
+    was_training = net.training
+    net.train(training)
+    try:
+        yield net
+    finally:
+        net.train(was_training)

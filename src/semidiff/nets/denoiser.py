@@ -26,7 +26,7 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import Tensor, nn
 
 from semidiff.errors import ConfigError
-from semidiff.nets.blocks import SegmentationNet, crop_to, pad_to_multiple
+from semidiff.nets.blocks import SegmentationNet, crop_to, in_mode, pad_to_multiple
 from semidiff.nets.registry import create_net
 from semidiff.nets.unet2d import UNet2D
 from semidiff.nets.unet3d import UNet3D
@@ -150,13 +150,9 @@ class TimeConditionedDenoiser(nn.Module):
             seen.append(int(h.shape[1]))
             return h
 
-        was_training = net.training
-        net.eval()
-        try:
+        with in_mode(net, training=False):
             probe = torch.zeros(1, net.in_channels, *([net.size_divisor] * net.spatial_dims))
             self._decode(net, net.transform_skips(self._encode(net, probe, record)), record)
-        finally:
-            net.train(was_training)
         return seen
 
     def forward(self, image: Tensor, y_t: Tensor, t: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ from torch.profiler import record_function
 
 from semidiff import profiling
 from semidiff.errors import ConfigError
-from semidiff.nets.blocks import SegmentationNet
+from semidiff.nets.blocks import SegmentationNet, in_mode
 
 __all__ = [
     "HFM_GATES",
@@ -277,15 +277,11 @@ def skip_channels(net: SegmentationNet) -> list[int]:
     The probe runs in eval mode (BatchNorm on a 1-voxel bottleneck would fail in train mode) and
     leaves the running statistics untouched.
     """
-    was_training = net.training
-    net.eval()
-    try:
+    with in_mode(net, training=False):
         param = next(net.parameters())
         probe = torch.zeros(1, net.in_channels, *([net.size_divisor] * net.spatial_dims),
                             device=param.device, dtype=param.dtype)
         return [int(s.shape[1]) for s in net.encode(probe)]
-    finally:
-        net.train(was_training)
 
 
 class SkipTransformNet(SegmentationNet):
