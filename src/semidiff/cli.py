@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from semidiff.errors import SemidiffError, exit_code
+from semidiff.errors import ConfigError, SemidiffError, exit_code
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -70,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the whole scan); stored: a file that already carries that normalisation (written from "
                         "the dataset's h5); auto [default]: h5 files are stored ones, every other format is raw")
 
-    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> table and figure, in minutes")
-    p.add_argument("--out", default="demo_output", help="folder for the data, runs and figure")
-    p.add_argument("--steps", type=int, default=None, help="training steps per method")
+    p = sub.add_parser("demo", help="few labels + unlabeled images against labels alone on built-in synthetic "
+                                    "data: train supervised, Mean Teacher, ProtoDiff -> table and figure, in minutes")
+    p.add_argument("--out", default="demo_output", help="folder for the data, runs, table and figure")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's budget)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the data are the same for every seed)")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -377,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from semidiff.demo import run_demo
 
-            run_demo(args.out, steps=args.steps)
+            if args.steps is not None and args.steps < 1:
+                raise ConfigError(f"--steps must be at least 1, got {args.steps}")
+            run_demo(args.out, steps=args.steps, seed=args.seed)
             return 0
         if args.command == "data":
             return cmd_data(args)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
@@ -29,7 +30,13 @@ from semidiff.data.h5_caselist import H5CaseListReader
 from semidiff.data.readers import register_reader
 from semidiff.errors import ConfigError, DataError
 
-__all__ = ["SYNTHETIC_PATH_PATTERN", "make_synthetic_dataset", "open_synthetic", "synthetic_case"]
+__all__ = [
+    "SYNTHETIC_PATH_PATTERN",
+    "Appearance",
+    "make_synthetic_dataset",
+    "open_synthetic",
+    "synthetic_case",
+]
 
 SYNTHETIC_PATH_PATTERN = "cases/{id}.h5"
 
@@ -41,6 +48,38 @@ _MEANS = {"background": 1.0, "cavity": 1.3, "organ": 1.8, "ring": 0.55, "vessel"
 # Reference edge length at which the vessel radii below are in voxels.
 _REF_SIZE = {2: 96, 3: 48}
 _VESSEL_RADII = {2: (1.5, 1.0, 1.0, 1.0), 3: (1.5, 1.0, 1.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """How one synthetic case looks: the imaging model's strengths and the structures' sizes.
+
+    The defaults are the generator's own; :func:`synthetic_case` with ``Appearance()`` makes the
+    same case from the same generator state as without one. The demo dataset
+    (:mod:`semidiff.data.demo_data`) draws these per case to make a clean labeled regime and a
+    varied unlabeled / validation regime.
+
+    Attributes:
+        contrast: factor on every structure's mean intensity difference to the background.
+        texture: std of the smooth texture added before blurring.
+        blur: Gaussian blur sigma in voxels at the reference size (partial volume).
+        bias: std of the log of the smooth multiplicative bias field.
+        noise: std of the additive Gaussian noise (before z-scoring).
+        size: factor on the organ's and the ring's radii.
+    """
+
+    contrast: float = 1.0
+    texture: float = 0.2
+    blur: float = 0.7
+    bias: float = 0.25
+    noise: float = 0.25
+    size: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not np.isfinite(value) or value < 0 or (name in ("contrast", "size") and value == 0):
+                raise ConfigError(f"synthetic appearance: {name} must be finite and "
+                                  f"{'positive' if name in ('contrast', 'size') else 'non-negative'}, got {value}")
 
 
 def _class_names(num_classes: int) -> list[str]:
@@ -134,7 +173,7 @@ def _vessel_tree(
 
 
 def synthetic_case(
-    rng: np.random.Generator, size: Sequence[int], num_classes: int = 4
+    rng: np.random.Generator, size: Sequence[int], num_classes: int = 4, appearance: Appearance | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate one synthetic image and its label map.
 
@@ -142,6 +181,8 @@ def synthetic_case(
         rng: source of randomness (the case is a pure function of its state).
         size: spatial shape, 2 or 3 axes.
         num_classes: classes including background, at least 2.
+        appearance: imaging strengths and structure sizes; None is ``Appearance()``. It changes
+            no random draw, only how the draws are scaled.
 
     Returns:
         ``(image, label)``: float32 z-scored image and uint8 label map, both of shape ``size``.
@@ -150,25 +191,32 @@ def synthetic_case(
     dims = len(shape)
     if dims not in (2, 3):
         raise ConfigError(f"synthetic size must have 2 or 3 axes, got {shape}")
+    look = appearance or Appearance()
     edge = min(shape)
     coords = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
     names = _class_names(num_classes)
     label = np.zeros(shape, dtype=np.uint8)
-    intensity = np.full(shape, _MEANS["background"], dtype=np.float32)
+    background = _MEANS["background"]
+    intensity = np.full(shape, background, dtype=np.float32)
     jitter = lambda: rng.normal(0.0, 0.1)
+
+    def mean(value: float) -> float:
+        # Contrast scales the difference to the background (the image is z-scored at the end);
+        # at 1 the value is returned as is, so default cases stay bit-identical.
+        return value if look.contrast == 1.0 else background + look.contrast * (value - background)
 
     def offset(centre: np.ndarray) -> np.ndarray:
         return coords - centre.reshape((dims,) + (1,) * dims)
 
     # Organ: a rotated ellipsoid with a smoothly perturbed boundary.
     organ_c = rng.uniform(0.3, 0.7, dims) * np.array(shape)
-    organ_r = rng.uniform(0.12, 0.2, dims) * edge
+    organ_r = rng.uniform(0.12, 0.2, dims) * edge * look.size
     rot = _rotation(rng, dims)
     local = np.tensordot(rot, offset(organ_c), axes=1)
     q = np.sum((local / organ_r.reshape((dims,) + (1,) * dims)) ** 2, axis=0)
     organ = q + 0.3 * _smooth_field(rng, shape, 4) < 1.0
     label[organ] = 1
-    intensity[organ] = _MEANS["organ"] + jitter()
+    intensity[organ] = mean(_MEANS["organ"] + jitter())
 
     placed = [(organ_c, float(organ_r.max()))]
 
@@ -186,7 +234,7 @@ def synthetic_case(
 
     if "ring" in names:
         # Ring: an elliptic wall of a few voxels around a slightly brighter cavity.
-        r0 = rng.uniform(0.1, 0.15) * edge
+        r0 = rng.uniform(0.1, 0.15) * edge * look.size
         thick = max(2.0, rng.uniform(0.035, 0.06) * edge)
         ring_c = free_centre(r0 + thick)
         axes = rng.uniform(0.8, 1.2, dims).reshape((dims,) + (1,) * dims)
@@ -194,9 +242,9 @@ def synthetic_case(
         dist = dist + 0.6 * _smooth_field(rng, shape, 5)
         ring = np.abs(dist - r0) < thick / 2
         cavity = dist <= r0 - thick / 2
-        intensity[cavity] = _MEANS["cavity"] + jitter()
+        intensity[cavity] = mean(_MEANS["cavity"] + jitter())
         label[ring] = names.index("ring")
-        intensity[ring] = _MEANS["ring"] + jitter()
+        intensity[ring] = mean(_MEANS["ring"] + jitter())
         placed.append((ring_c, r0 + thick))
 
     for k, name in enumerate(names):
@@ -206,7 +254,7 @@ def synthetic_case(
         c = free_centre(r)
         blob = np.sum(offset(c) ** 2, axis=0) < r**2
         label[blob] = k
-        intensity[blob] = 1.2 + 0.35 * (k % 3) + jitter()
+        intensity[blob] = mean(1.2 + 0.35 * (k % 3) + jitter())
         placed.append((c, r))
 
     if "vessel" in names:
@@ -215,13 +263,13 @@ def synthetic_case(
         radii = [max(1.0, r * scale) for r in _VESSEL_RADII[dims]]
         vessel = _vessel_tree(rng, shape, radii)
         label[vessel] = names.index("vessel")
-        intensity[vessel] = _MEANS["vessel"] + jitter()
+        intensity[vessel] = mean(_MEANS["vessel"] + jitter())
 
     # Imaging model: texture, blur (partial volume), smooth bias field, noise, z-score.
-    image = intensity + 0.2 * _smooth_field(rng, shape, 8)
-    image = ndimage.gaussian_filter(image, sigma=0.7 * max(1.0, edge / _REF_SIZE[dims]))
-    image = image * np.exp(0.25 * _smooth_field(rng, shape, 3))
-    image = image + rng.normal(0.0, 0.25, shape)
+    image = intensity + look.texture * _smooth_field(rng, shape, 8)
+    image = ndimage.gaussian_filter(image, sigma=look.blur * max(1.0, edge / _REF_SIZE[dims]))
+    image = image * np.exp(look.bias * _smooth_field(rng, shape, 3))
+    image = image + rng.normal(0.0, look.noise, shape)
     image = (image - image.mean()) / (image.std() + 1e-8)
     return image.astype(np.float32), label
 
