@@ -13,7 +13,15 @@ from semidiff.cli import main
 from semidiff.config import config_from_dict
 from semidiff.data.demo_data import LABELED_REGIME, VARIED_REGIME, make_demo_dataset
 from semidiff.data.synthetic import Appearance, synthetic_case
-from semidiff.demo import DEMO_CLASS_NAMES, DEMO_LABELED, DEMO_METHODS, DEMO_UNLABELED, DEMO_VAL, demo_config, run_demo
+from semidiff.demo import (
+    DEMO_CLASS_NAMES,
+    DEMO_LABELED,
+    DEMO_METHODS,
+    DEMO_UNLABELED,
+    DEMO_VAL,
+    demo_config,
+    run_demo,
+)
 from semidiff.engine.data import build_reader, build_splits
 from semidiff.errors import ConfigError
 
@@ -71,7 +79,7 @@ def test_demo_regimes_differ_in_the_images(tmp_path):
 
 
 def test_appearance_scales_what_it_names():
-    rng = lambda: np.random.default_rng([3, 1])  # noqa: E731 - the same draws for every variant
+    rng = lambda: np.random.default_rng([3, 1])  # the same draws for every variant
     base_image, base_label = synthetic_case(rng(), (64, 64), 4)
     image, label = synthetic_case(rng(), (64, 64), 4, Appearance())
     assert np.array_equal(image, base_image) and np.array_equal(label, base_label)

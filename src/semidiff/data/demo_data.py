@@ -35,7 +35,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from semidiff.data.synthetic import SYNTHETIC_PATH_PATTERN, Appearance, _class_names, synthetic_case
+from semidiff.data.synthetic import (
+    SYNTHETIC_PATH_PATTERN,
+    Appearance,
+    _class_names,
+    synthetic_case,
+)
 from semidiff.errors import ConfigError
 
 __all__ = ["DEMO_CLASSES", "LABELED_REGIME", "VARIED_REGIME", "demo_appearance", "make_demo_dataset"]
