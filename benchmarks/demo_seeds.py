@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from semidiff.demo import DEMO_METHODS, DEMO_STEPS, run_demo
+from semidiff.demo import DEMO_METHODS, DEMO_STEPS, DEMO_VAL, run_demo
 
 
 def seeds_table(dice: dict[int, dict[str, float]]) -> str:
@@ -27,7 +27,7 @@ def seeds_table(dice: dict[int, dict[str, float]]) -> str:
     methods = list(next(iter(dice.values())))
     head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |"
     rule = "|---|" + "---|" * (len(seeds) + 1)
-    lines = ["Mean Dice on the 12 validation images (last checkpoint):", "", head, rule]
+    lines = [f"Mean Dice on the {DEMO_VAL} validation images (last checkpoint):", "", head, rule]
     for m in methods:
         values = [dice[s][m] for s in seeds]
         lines.append(f"| {m} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")

@@ -145,3 +145,35 @@ def test_tiny_demo_prints_table_and_draws_figure(tmp_path, capsys):
 def test_demo_cli_refuses_bad_steps(capsys):
     assert main(["demo", "--steps", "0"]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_demo_in_parallel_processes_gives_the_runs_of_one_after_the_other(tmp_path):
+    # Only the order in time changes: same configs, same seeds, same rows in the same order.
+    one = run_demo(tmp_path / "one", steps=2, methods=["supervised", "protodiff"], parallel=1,
+                   log=lambda *_: None, train_log=lambda *_: None)
+    two = run_demo(tmp_path / "two", steps=2, methods=["supervised", "protodiff"], parallel=2,
+                   log=lambda *_: None)
+    assert [r["method"] for r in two["rows"]] == ["supervised", "protodiff"]
+    for a, b in zip(one["rows"], two["rows"]):
+        assert b["dice"] == pytest.approx(a["dice"], abs=1e-4)
+        assert (tmp_path / "two" / "runs" / f"demo_{b['method']}" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_demo_cell_script_trains_one_changed_run_and_prints_its_result(tmp_path, capsys):
+    # benchmarks/demo_cell.py, the tuning tool behind the demo's options: overrides reach the run.
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "demo_cell.py"
+    spec = importlib.util.spec_from_file_location("demo_cell", path)
+    cell = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cell)
+    assert cell.main([str(tmp_path), "c1", "protodiff", "3", "2", "method.options.confidence_threshold=0.7"]) == 0
+    result = json.loads(next(line for line in capsys.readouterr().out.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["name"] == "c1" and result["steps"] == 2 and set(result["per_class"]) == set(DEMO_CLASS_NAMES[1:])
+    summary = json.loads((tmp_path / "runs" / "c1" / "eval_val_last" / "summary.json").read_text())
+    assert result["dice"] == pytest.approx(summary["mean"]["dice"])
+    import yaml
+
+    options = yaml.safe_load((tmp_path / "runs" / "c1" / "config.yaml").read_text())["method"]["options"]
+    assert options["confidence_threshold"] == 0.7 and options["student_forward"] == "separate"

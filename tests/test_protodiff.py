@@ -512,3 +512,18 @@ def test_protodiff_trains_on_the_shared_backbone(dims):
     probs = method.predict(labeled["image"])
     assert probs.shape == (2, 3, *labeled["image"].shape[2:])
     torch.testing.assert_close(probs.sum(1), torch.ones_like(probs[:, 0]))
+
+
+@pytest.mark.parametrize("mode,independent", [("joint", False), ("separate", True)])
+def test_separate_forward_keeps_unlabeled_images_out_of_the_labeled_batch_statistics(mode, independent):
+    # The shared U-Net has BatchNorm: in a joint pass the labeled logits depend on the unlabeled
+    # images of the batch; in separate passes they do not (same seeds, so the same t, noise, view).
+    labeled, _ = _batch(2)
+    losses = []
+    for unlabeled in (torch.rand(2, 1, 32, 32), 3.0 + 5.0 * torch.rand(2, 1, 32, 32)):
+        torch.manual_seed(0)
+        method = create_method("protodiff", NetSpec("protodiff_unet", 1, 3, 2, SHARED),
+                               {"warmup": 0, "student_forward": mode})
+        torch.manual_seed(1)
+        losses.append(method.training_step(labeled, {"image": unlabeled}, Progress(0, 10))["loss_sup"])
+    assert torch.allclose(losses[0], losses[1]) == independent
