@@ -21,7 +21,14 @@ import yaml
 
 from semidiff.config import config_from_dict
 from semidiff.data.demo_data import make_demo_dataset
-from semidiff.demo import DEMO_CLASS_NAMES, DEMO_LABELED, DEMO_SIZE, DEMO_UNLABELED, DEMO_VAL, demo_config
+from semidiff.demo import (
+    DEMO_CLASS_NAMES,
+    DEMO_LABELED,
+    DEMO_SIZE,
+    DEMO_UNLABELED,
+    DEMO_VAL,
+    demo_config,
+)
 from semidiff.engine.train import train
 
 
