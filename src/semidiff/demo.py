@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -174,6 +175,10 @@ def _train_one(out: Path, method: str, steps: int, seed: int, train_log=None, lo
     log(f"=== {method}: {steps} steps, {DEMO_LABELED} labeled images"
         + ("" if method == "supervised" else f" + {DEMO_UNLABELED} unlabeled") + " ===")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # Two notes every training prints that say nothing to a demo user: a library's own deprecation
+    # inside Lightning, and Lightning noticing a hook the engine overrides on purpose.
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
     result = train(cfg, overwrite=True, log=train_log or (lambda *_: None))["last"]["summary"]
     timing = json.loads((cfg.run_dir() / "timing.json").read_text())
     return {"method": method, "dice": result["mean"]["dice"],
