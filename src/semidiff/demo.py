@@ -177,9 +177,10 @@ def _train_one(out: Path, method: str, steps: int, seed: int, train_log=None, lo
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # Two notes every training prints that say nothing to a demo user: a library's own deprecation
     # inside Lightning, and Lightning noticing a hook the engine overrides on purpose.
-    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-    warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
-    result = train(cfg, overwrite=True, log=train_log or (lambda *_: None))["last"]["summary"]
+    with warnings.catch_warnings():  # only for this training: the caller's filters stay as they were
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+        warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
+        result = train(cfg, overwrite=True, log=train_log or (lambda *_: None))["last"]["summary"]
     timing = json.loads((cfg.run_dir() / "timing.json").read_text())
     return {"method": method, "dice": result["mean"]["dice"],
             "per_class": {name: result["per_class"][name]["dice"]["mean"] for name in DEMO_CLASS_NAMES[1:]},
