@@ -120,9 +120,10 @@ class ProtoDiffOptions(TeacherOptions, RampOptions, StrongViewOptions):
         pixels_per_class: Class-balanced sampling cap of the InfoNCE per class and step.
         student_forward: ``"joint"``: one student pass over labeled + strong views (and one
             teacher pass over labeled + weak views), so BatchNorm normalises both with one batch's
-            statistics; ``"separate"``: one pass each, so labeled images keep their own statistics. Where labeled and unlabeled images differ in
-            appearance (the demo task), the joint pass alone cost the student 20 points of Dice
-            with no unlabeled loss at all (``docs/methods/protodiff.md``).
+            statistics; ``"separate"``: one pass each, so labeled images keep their own
+            statistics. Where labeled and unlabeled images differ in appearance (the demo task),
+            the joint pass alone cost the student 20 points of Dice with no unlabeled loss at all
+            (``docs/methods/protodiff.md``).
     """
 
     num_train_timesteps: int = Field(default=1000, ge=2)
@@ -316,11 +317,8 @@ class ProtoDiff(Method):
         # 1. Teacher on labeled + weak unlabeled views.
         with torch.no_grad(), record_function(profiling.TEACHER):
             steps = o.pseudo_label_steps or o.sampling_steps
-            if o.student_forward == "joint":
-                probs_t, hidden_t = self.sample(self.teacher, torch.cat([x_l, x_u]), steps)
-            else:
-                (p_l, h_l), (p_u, h_u) = self.sample(self.teacher, x_l, steps), self.sample(self.teacher, x_u, steps)
-                probs_t, hidden_t = torch.cat([p_l, p_u]), torch.cat([h_l, h_u])
+            probs_t, hidden_t = self._passes(lambda x: self.sample(self.teacher, x, steps), n_l,
+                                             torch.cat([x_l, x_u]))
             conf_u, plab_u = probs_t[n_l:].max(dim=1, keepdim=True)
             plab_u = self.corrupt_pseudo(plab_u)  # noise benchmark (identity unless noise.target: pseudo)
         # 2. Strong view; CutMix geometry follows on pseudo-labels, confidences, teacher features.
@@ -330,11 +328,7 @@ class ProtoDiff(Method):
         hidden_t_s = cutmix(hidden_t[n_l:], hidden_mask)
         # 3. Student on labeled + strong views, diffusion targets from ground truth / pseudo-labels.
         z_t, t = self.noisy_latent(net, torch.cat([y_l_filled, plab_s]))
-        if o.student_forward == "joint":
-            logits, hidden_s = net(torch.cat([x_l, x_s]), z_t, t)
-        else:
-            (logits_l, hidden_l), (logits_s, hidden_ss) = net(x_l, z_t[:n_l], t[:n_l]), net(x_s, z_t[n_l:], t[n_l:])
-            logits, hidden_s = torch.cat([logits_l, logits_s]), torch.cat([hidden_l, hidden_ss])
+        logits, hidden_s = self._passes(net, n_l, torch.cat([x_l, x_s]), z_t, t)
         loss_sup = seg_loss(logits[:n_l], y_l)
         confident = (conf_s >= o.confidence_threshold).float()
         conf_ratio = confident.mean()
@@ -366,6 +360,14 @@ class ProtoDiff(Method):
                 "u_weight": torch.tensor(u_weight, device=loss.device),
                 "p_weight": torch.tensor(p_weight, device=loss.device),
                 "conf_ratio": conf_ratio.detach(), "prototypes_ready": ready.sum().float()}
+
+    def _passes(self, run, n_l: int, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """``run(*inputs)`` over labeled + unlabeled items: one pass (``student_forward: joint``), or one
+        over the first ``n_l`` items and one over the rest (``separate``), outputs concatenated."""
+        if self.options.student_forward == "joint":
+            return run(*inputs)
+        labeled, unlabeled = run(*(x[:n_l] for x in inputs)), run(*(x[n_l:] for x in inputs))
+        return tuple(torch.cat(pair) for pair in zip(labeled, unlabeled))
 
     def _prototype_sums(self, hidden_t: Tensor, y_l: Tensor, valid_l: Tensor, plab_u: Tensor,
                         conf_u: Tensor) -> tuple[Tensor, Tensor]:
