@@ -2,7 +2,7 @@
 
     python benchmarks/demo_cell.py OUT NAME METHOD SEED STEPS [dotted.key=yaml ...]
 
-Writes the demo's data (:func:`semidiff.data.demo_data.make_demo_dataset`, as ``semidiff demo``
+Writes the demo's data (:func:`semidiff.demo.write_demo_data`, as ``semidiff demo``
 does) to ``OUT/data`` if it is not there, trains ``METHOD`` with :func:`semidiff.demo.demo_config`
 changed by the overrides (e.g. ``method.options.confidence_threshold=0.6``,
 ``train.accelerator=gpu``), evaluates the last checkpoint and prints one ``RESULT {json}`` line:
@@ -20,15 +20,7 @@ from pathlib import Path
 import yaml
 
 from semidiff.config import config_from_dict
-from semidiff.data.demo_data import make_demo_dataset
-from semidiff.demo import (
-    DEMO_CLASS_NAMES,
-    DEMO_LABELED,
-    DEMO_SIZE,
-    DEMO_UNLABELED,
-    DEMO_VAL,
-    demo_config,
-)
+from semidiff.demo import DEMO_CLASS_NAMES, demo_config, write_demo_data
 from semidiff.engine.train import train
 
 
@@ -38,11 +30,9 @@ def main(argv: list[str]) -> int:
         return 2
     out, name, method, seed, steps, overrides = Path(argv[0]), argv[1], argv[2], int(argv[3]), int(argv[4]), argv[5:]
     if not (out / "data" / "dataset.json").is_file():
-        make_demo_dataset(out / "data", labeled=DEMO_LABELED, unlabeled=DEMO_UNLABELED, val=DEMO_VAL,
-                          size=DEMO_SIZE, seed=0)
+        write_demo_data(out / "data")
     d = demo_config(out, method, steps, seed)
     d["experiment"]["name"] = name
-    d["method"]["options"] = dict(d["method"]["options"])  # not the module's DEMO_OPTIONS itself
     for item in overrides:
         key, value = item.split("=", 1)
         *path, last = key.split(".")

@@ -6,8 +6,7 @@ set -u; OUT=${OUT:-/tmp/out}; mkdir -p $OUT; T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 # The data once, before the cells start at once (each would write it where it is missing).
-python3 -c "from semidiff.demo import *; from semidiff.data.demo_data import make_demo_dataset as m
-m('/tmp/sw/data', labeled=DEMO_LABELED, unlabeled=DEMO_UNLABELED, val=DEMO_VAL, size=DEMO_SIZE)" || exit 1
+python3 -c "from pathlib import Path; from semidiff.demo import write_demo_data; write_demo_data(Path('/tmp/sw/data'))" || exit 1
 # cell DEADLINE NAME METHOD SEED STEPS [method option=value ...]
 cell() { local deadline=$1 name=$2 method=$3 seed=$4 steps=$5; shift 5
   timeout $deadline python3 benchmarks/demo_cell.py /tmp/sw $name $method $seed $steps train.accelerator=gpu \

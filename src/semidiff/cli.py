@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the dataset's h5); auto [default]: h5 files are stored ones, every other format is raw")
 
     p = sub.add_parser("demo", help="few labels + unlabeled images against labels alone on built-in synthetic "
-                                    "data: train supervised, Mean Teacher, ProtoDiff -> table and figure, in minutes")
+                                    "data: train supervised, BCP, ProtoDiff -> table and figure, in minutes")
     p.add_argument("--out", default="demo_output", help="folder for the data, runs, table and figure")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: the demo's budget)")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data are the same for every seed)")

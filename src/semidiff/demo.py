@@ -29,7 +29,7 @@ from semidiff.data.demo_data import DEMO_CLASSES, make_demo_dataset
 from semidiff.errors import ConfigError
 from semidiff.hardware import available_cores
 
-__all__ = ["DEMO_METHODS", "DEMO_STEPS", "demo_config", "demo_table", "plot_demo", "run_demo"]
+__all__ = ["DEMO_METHODS", "DEMO_STEPS", "demo_config", "demo_table", "plot_demo", "run_demo", "write_demo_data"]
 
 DEMO_LABELED = 4
 DEMO_UNLABELED = 40
@@ -82,12 +82,18 @@ def demo_config(out: Path, method: str, steps: int = DEMO_STEPS, seed: int = 0) 
         "data": {"reader": "synthetic", "root": str(out / "data"), "labeled": DEMO_LABELED,
                  "labeled_unit": "cases", "labeled_rule": "first", "patch_size": list(DEMO_SIZE)},
         "model": {**model, "num_classes": DEMO_CLASSES, "class_names": DEMO_CLASS_NAMES},
-        "method": {"name": method, "options": DEMO_OPTIONS.get(method, {})},
+        "method": {"name": method, "options": dict(DEMO_OPTIONS.get(method, {}))},  # a copy: callers may change it
         "train": {"max_steps": steps, "labeled_batch": 4, "unlabeled_batch": 0 if method == "supervised" else 4,
                   "optimizer": "adamw", "lr": 3e-3, "weight_decay": 1e-4, "lr_schedule": "poly",
                   "val_every": steps, "precision": "32", "accelerator": "cpu", "progress_bar": False},
         "eval": {"overlay_cases": OVERLAY_CASES},
     }
+
+
+def write_demo_data(root: Path) -> Path:
+    """The demo's dataset (its counts and size, data seed 0) written to ``root``."""
+    return make_demo_dataset(root, labeled=DEMO_LABELED, unlabeled=DEMO_UNLABELED, val=DEMO_VAL, size=DEMO_SIZE,
+                             seed=0)
 
 
 def demo_table(rows: Sequence[dict], protocol: str, figure: Path | None, runs: Path) -> str:
@@ -174,13 +180,20 @@ def _train_one(out: Path, method: str, steps: int, seed: int, train_log=None, lo
     cfg = config_from_dict(demo_config(out, method, steps, seed), "demo")
     log(f"=== {method}: {steps} steps, {DEMO_LABELED} labeled images"
         + ("" if method == "supervised" else f" + {DEMO_UNLABELED} unlabeled") + " ===")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    # Two notes every training prints that say nothing to a demo user: a library's own deprecation
-    # inside Lightning, and Lightning noticing a hook the engine overrides on purpose.
-    with warnings.catch_warnings():  # only for this training: the caller's filters stay as they were
-        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
-        warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
-        result = train(cfg, overwrite=True, log=train_log or (lambda *_: None))["last"]["summary"]
+    # Lightning's start-up notes (accelerators, tips) would bury the demo's own lines, and two
+    # warnings every training prints say nothing to a demo user: a library's own deprecation inside
+    # Lightning, and Lightning noticing a hook the engine overrides on purpose. Only for this
+    # training: the caller's log level and warning filters are restored after it.
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
+            warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
+            result = train(cfg, overwrite=True, log=train_log or (lambda *_: None))["last"]["summary"]
+    finally:
+        lightning_log.setLevel(level)
     timing = json.loads((cfg.run_dir() / "timing.json").read_text())
     return {"method": method, "dice": result["mean"]["dice"],
             "per_class": {name: result["per_class"][name]["dice"]["mean"] for name in DEMO_CLASS_NAMES[1:]},
@@ -199,7 +212,7 @@ def _train_in_parallel(out: Path, methods: Sequence[str], steps: int, seed: int,
     from concurrent.futures import ProcessPoolExecutor
 
     # The diffusion method costs most: start it first, the cheaper ones share the other worker.
-    order = sorted(methods, key=lambda m: m == "supervised" or m not in DIFFUSION_METHODS)
+    order = sorted(methods, key=lambda m: m not in DIFFUSION_METHODS)
     log(f"training {', '.join(order)} in {workers} processes (the cores are shared among them)")
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {m: pool.submit(_train_one, out, m, steps, seed) for m in order}
@@ -235,25 +248,14 @@ def run_demo(out: str | Path = "demo_output", steps: int | None = None, seed: in
     if not methods or methods[0] != "supervised":
         raise ConfigError(f"the demo compares with supervised, which must come first; got {methods}")
     start = time.perf_counter()
-    root = make_demo_dataset(out / "data", labeled=DEMO_LABELED, unlabeled=DEMO_UNLABELED, val=DEMO_VAL,
-                             size=DEMO_SIZE, seed=0)
+    root = write_demo_data(out / "data")
     log(f"demo data: {root} ({DEMO_LABELED} labeled, {DEMO_UNLABELED} unlabeled, {DEMO_VAL} validation images)")
-    rows, run_dirs = [], {}
     workers = min(available_cores(), len(methods)) if parallel is None else max(1, int(parallel))
-    # Lightning's start-up notes (accelerators, tips) would bury the demo's own lines; warnings still show.
-    lightning_log = logging.getLogger("lightning.pytorch")
-    level = lightning_log.level
-    lightning_log.setLevel(logging.WARNING)
-    try:
-        if workers == 1:
-            for method in methods:
-                rows.append(_train_one(out, method, steps, seed, train_log or log, log))
-        else:
-            rows = _train_in_parallel(out, methods, steps, seed, workers, log)
-        for row in rows:
-            run_dirs[row["method"]] = row.pop("run_dir")
-    finally:
-        lightning_log.setLevel(level)
+    if workers == 1:
+        rows = [_train_one(out, method, steps, seed, train_log or log, log) for method in methods]
+    else:
+        rows = _train_in_parallel(out, methods, steps, seed, workers, log)
+    run_dirs = {row["method"]: row.pop("run_dir") for row in rows}
     protocol = (f"synthetic demo task (2D {DEMO_SIZE[0]}x{DEMO_SIZE[1]}, {DEMO_CLASSES - 1} structures, data seed 0): "
                 f"{DEMO_LABELED} labeled images (clean regime), {DEMO_UNLABELED} unlabeled + {DEMO_VAL} validation "
                 f"images (varied regime) | {steps} steps per method, batch 4 labeled (+4 unlabeled), same U-Net, "
