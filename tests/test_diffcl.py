@@ -680,6 +680,33 @@ def test_weak_view_pass_runs_in_the_chosen_mode_and_restores_train_mode(monkeypa
     assert method.cs.training
 
 
+@pytest.mark.parametrize("view", ["same", "strong"])
+@pytest.mark.parametrize("mode,independent", [("joint", False), ("separate", True)])
+def test_separate_cs_forward_keeps_unlabeled_images_out_of_the_labeled_batch_statistics(view, mode, independent):
+    # CS has BatchNorm: in one pass its labeled logits depend on the unlabeled (or strong-view)
+    # images beside them; in separate passes they do not (same seeds: same dropout, view, noise).
+    labeled, _ = _batch(2)
+    losses = []
+    for unlabeled in (torch.rand(2, 1, 32, 32), 3.0 + 5.0 * torch.rand(2, 1, 32, 32)):
+        torch.manual_seed(0)
+        method = _method(2, cs_view=view, cs_forward=mode)
+        method.train()
+        torch.manual_seed(1)
+        losses.append(method.training_step(labeled, {"image": unlabeled}, Progress(5, 10))["loss_c_sup"])
+    assert torch.allclose(losses[0], losses[1]) == independent
+
+
+def test_separate_cs_forward_runs_cs_once_per_stream(monkeypatch):
+    method = _method(2, cs_forward="separate")
+    labeled, unlabeled = _batch(2, n_l=2, n_u=3)
+    sizes = []
+    real_cs_forward = method.cs.forward
+    monkeypatch.setattr(method.cs, "forward", lambda x, **kw: (sizes.append(len(x)), real_cs_forward(x, **kw))[1])
+    out = method.training_step(labeled, unlabeled, Progress(5, 10))
+    assert sizes == [2, 3]
+    assert torch.isfinite(out["loss"])
+
+
 def _masks_of_one_step(monkeypatch, method):
     """(the ``kind`` argument of each ``pseudo_mask`` call, the mask each ``pseudo_loss`` got) of one step."""
     calls, seen = [], []

@@ -39,6 +39,7 @@ __all__ = [
     "StrongViewOptions",
     "TeacherOptions",
     "TeacherStudentMethod",
+    "batch_passes",
     "block_mask",
     "build_net",
     "copy_weights",
@@ -209,6 +210,21 @@ def copy_weights(target: nn.Module, source: nn.Module) -> None:
         t.copy_(s)
     for t, s in zip(target.buffers(), source.buffers(), strict=True):
         t.copy_(s)
+
+
+def batch_passes(run, n_first: int, *inputs: Tensor, separate: bool) -> tuple[Tensor, ...]:
+    """``run(*inputs)`` over a batch of labeled + unlabeled items: one pass, or (``separate``) one over
+    the first ``n_first`` items and one over the rest, the outputs concatenated.
+
+    Why: BatchNorm normalises by the statistics of the batch it sees. With one pass, the labeled
+    images are normalised together with unlabeled ones (often a strong view, or another acquisition
+    regime), so the labeled loss depends on the unlabeled batch; two passes keep each stream's own
+    statistics (measured in docs/methods/protodiff.md, "student_forward").
+    """
+    if not separate or n_first in (0, len(inputs[0])):
+        return run(*inputs)
+    first, rest = run(*(x[:n_first] for x in inputs)), run(*(x[n_first:] for x in inputs))
+    return tuple(torch.cat(pair) for pair in zip(first, rest))
 
 
 def softmax_probs(net: nn.Module, image: Tensor) -> Tensor:

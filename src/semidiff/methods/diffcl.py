@@ -51,6 +51,7 @@ from semidiff.methods.base import (
 from semidiff.methods.common import (
     RampOptions,
     StrongViewOptions,
+    batch_passes,
     build_net,
     require_unlabeled,
     softmax_probs,
@@ -140,6 +141,10 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
             ``strong`` costs one more forward of CS (no gradient) on the weak view.
         cs_weak_mode: CS's mode in that weak-view pass: ``train`` (dropout on, batch statistics)
             or ``eval`` (as at test time, like a teacher's labels).
+        cs_forward: CS's training forward over labeled + unlabeled (or strong-view) images:
+            ``joint`` (one pass, one set of BatchNorm statistics) or ``separate`` (one pass per
+            stream, so the labeled images are not normalised with the strong view's statistics;
+            ProtoDiff's ``student_forward``, docs/methods/diffcl.md).
         jitter_contrast, jitter_brightness, blur_prob, blur_sigma, cutmix_prob, cutmix_ratio: The
             strong view of ``cs_view: strong`` (:class:`~semidiff.methods.common.StrongViewOptions`).
         mu1: Weight of ``L_d_pseudo`` (times the ramp).
@@ -193,6 +198,7 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
     contrast_anchors: Literal["ds", "agree"] = "ds"
     cs_view: Literal["same", "strong"] = "same"
     cs_weak_mode: Literal["train", "eval"] = "train"
+    cs_forward: Literal["joint", "separate"] = "joint"
 
     mu1: float = Field(default=1.0, ge=0.0)
     mu2: float = Field(default=1.0, ge=0.0)
@@ -353,9 +359,9 @@ class DiffCL(Method):
             with torch.no_grad(), in_mode(self.cs, training=o.cs_weak_mode == "train"):
                 logits_cs_weak = self.cs(x_u)
             x_s, mix_mask = o.strong_view(x_u)
-            logits_cs, features = self.cs(torch.cat([x_l, x_s]), return_features=True)
+            logits_cs, features = self._cs_passes(torch.cat([x_l, x_s]), n_l)
         else:
-            logits_cs, features = self.cs(x, return_features=True)
+            logits_cs, features = self._cs_passes(x, n_l)
             logits_cs_weak = logits_cs[n_l:].detach()
         parts: dict[str, Tensor] = {"loss_c_sup": seg_loss(logits_cs[:n_l], y_l)}
         loss = parts["loss_c_sup"]
@@ -412,6 +418,12 @@ class DiffCL(Method):
         out.update({k: v.detach() for k, v in parts.items()})
         out["mu"] = torch.tensor(mu2, device=loss.device)
         return out
+
+    def _cs_passes(self, x: Tensor, n_l: int) -> tuple[Tensor, Tensor]:
+        """CS's logits and features over labeled + unlabeled images, in one pass or two (``cs_forward``)."""
+        logits, features = batch_passes(lambda images: self.cs(images, return_features=True), n_l, x,
+                                        separate=self.options.cs_forward == "separate")
+        return logits, features
 
     def on_step_end(self, progress: Progress) -> None:
         """Write the last step's memory candidates to the bank, gathered from every DDP process.

@@ -54,6 +54,7 @@ from semidiff.methods.common import (
     StepsOrFraction,
     StrongViewOptions,
     TeacherOptions,
+    batch_passes,
     ema_update,
     make_ema_copy,
     require_unlabeled,
@@ -362,12 +363,8 @@ class ProtoDiff(Method):
                 "conf_ratio": conf_ratio.detach(), "prototypes_ready": ready.sum().float()}
 
     def _passes(self, run, n_l: int, *inputs: Tensor) -> tuple[Tensor, ...]:
-        """``run(*inputs)`` over labeled + unlabeled items: one pass (``student_forward: joint``), or one
-        over the first ``n_l`` items and one over the rest (``separate``), outputs concatenated."""
-        if self.options.student_forward == "joint":
-            return run(*inputs)
-        labeled, unlabeled = run(*(x[:n_l] for x in inputs)), run(*(x[n_l:] for x in inputs))
-        return tuple(torch.cat(pair) for pair in zip(labeled, unlabeled))
+        """``run`` over labeled + unlabeled items in one pass or two (``student_forward``)."""
+        return batch_passes(run, n_l, *inputs, separate=self.options.student_forward == "separate")
 
     def _prototype_sums(self, hidden_t: Tensor, y_l: Tensor, valid_l: Tensor, plab_u: Tensor,
                         conf_u: Tensor) -> tuple[Tensor, Tensor]:
