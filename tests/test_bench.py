@@ -220,6 +220,29 @@ def test_record_mismatch_ignores_machine_paths_and_keys_added_at_their_default(t
     assert "train.max_skips" in record_mismatch(cell_with_override, tmp_path / "rec")
 
 
+def test_record_mismatch_counts_a_method_option_left_out_as_its_default(tmp_path):
+    # A record made before an option existed (or whose config left it out) matches a cell that sets
+    # that option to its default, and differs from one that sets another value.
+    from semidiff.config import load_config
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": {"reader": "synthetic"},
+                                                     "method": {"name": "protodiff"}}))
+
+    def cell(overrides: list[str]):
+        (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {"name": "x", "labeled": [3], "methods": [
+            {"name": "p", "config": "t.yaml", "overrides": overrides}]}}))
+        spec, base = load_bench(tmp_path / "b.yaml")
+        return grid_cells(spec, base, tmp_path / "out")[0]
+
+    plain = cell([])
+    recorded = yaml.safe_load(load_config(plain.config, plain.train_overrides).to_yaml())
+    assert "student_forward" not in recorded["method"]["options"]
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert record_mismatch(cell(["method.options.student_forward=joint"]), tmp_path / "rec") == []
+    assert record_mismatch(cell(["method.options.student_forward=separate"]), tmp_path / "rec") == [
+        "method.options.student_forward"]
+
+
 def _fake_run(run: Path, method: str, labeled: int, seed: int, dice: float, hd95: float,
               options: dict | None = None, folder: str = "eval_val_last") -> None:
     """A finished run folder with known metrics (what training and evaluation would have written)."""

@@ -12,6 +12,7 @@ import yaml
 
 from semidiff.bench.spec import Cell, cell_done
 from semidiff.config import Config, load_config
+from semidiff.methods import method_options
 
 #: Parts of a run folder a record leaves out, the bulk of its size: the report reads none of them
 #: (``overlays.png`` is drawn from ``overlay_slices.npz``; the qualitative panel reads that file
@@ -47,13 +48,15 @@ def record_mismatch(cell: Cell, record: Path) -> list[str]:
     """Config keys on which a recorded run differs from what ``cell`` would train now ([] = same).
 
     The paths of :data:`MACHINE_KEYS` are not compared: a record made on another machine is the
-    same run. A key the record lacks (added to the schema after it was made) matches when it is
-    at its default, the value every earlier run had in effect.
+    same run. A key the record lacks (added to the schema or to the method's options after it was
+    made, or a method option its config left out) matches when it is at its default, the value
+    every earlier run had in effect. So a default must not change once runs are recorded: set
+    the new value in the configs instead.
     """
     def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
         out = {}
         for k, v in tree.items():
-            if isinstance(v, dict) and v:
+            if isinstance(v, dict):  # an empty mapping adds no key (as one left out)
                 out.update(flat(v, f"{prefix}{k}."))
             else:
                 out[f"{prefix}{k}"] = v
@@ -64,7 +67,11 @@ def record_mismatch(cell: Cell, record: Path) -> list[str]:
     for section, key in MACHINE_KEYS:
         for tree in (want, have):
             (tree.get(section) or {}).pop(key, None)
-    want, have, default = flat(want), flat(have), flat(yaml.safe_load(Config().to_yaml()))
+    default = yaml.safe_load(Config().to_yaml())
+    if name := (want.get("method") or {}).get("name"):
+        # Method options a config leaves out are not written to it: their defaults count as well.
+        default["method"]["options"] = method_options(name, {}).model_dump(mode="json")
+    want, have, default = flat(want), flat(have), flat(default)
     missing = object()
     return sorted(k for k in set(want) | set(have)
                   if have.get(k, default.get(k, missing)) != want.get(k, missing))
