@@ -64,3 +64,18 @@ def test_methods_use_the_one_shared_copy(module, names):
     imported = __import__(module, fromlist=list(names))
     for name in names:
         assert getattr(imported, name) is getattr(transforms, name), f"{module}.{name} is a copy"
+
+
+def test_blur_under_bf16_autocast_of_a_channels_last_rgb_batch_is_the_fp32_blur():
+    # Training runs the strong view inside bf16 autocast with channels-last images; the blur runs in
+    # fp32 on a contiguous copy (MONAI's grouped convolution of channels-last RGB in bf16 took
+    # minutes per frame on the CPU) and returns the input's dtype.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 16)
+    torch.manual_seed(5)
+    reference = transforms.random_blur(x, 1.0, (0.5, 1.5))
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blurred = transforms.random_blur(x.contiguous(memory_format=torch.channels_last), 1.0, (0.5, 1.5))
+    assert blurred.dtype == torch.float32
+    torch.testing.assert_close(blurred, reference, atol=1e-6, rtol=0)
