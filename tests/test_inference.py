@@ -210,3 +210,26 @@ def test_overlay_panel_png(tmp_path) -> None:
     arr = overlay_figure_tensor(_rows(3), class_names=names)
     assert arr.dtype == np.uint8 and arr.shape == (sizes[3][1], sizes[3][0], 3)
     assert arr.std() > 10  # not a blank canvas
+
+
+def test_overlay_row_keeps_the_colours_of_an_rgb_frame() -> None:
+    """An endoscopy frame is shown in colour (it was its red channel in grey); grey and 3D images show channel 0."""
+    from semidiff.data.record import Case
+    from semidiff.evaluation.evaluate import overlay_row
+    from semidiff.evaluation.figures import overlay_rgb
+
+    rng = np.random.default_rng(0)
+    frame = np.stack([np.full((8, 12), v, np.float32) for v in (0.9, 0.5, 0.1)])  # orange-ish, 3 channels
+    frame += rng.uniform(0, 0.01, frame.shape).astype(np.float32)
+    label = np.zeros((8, 12), np.int64)
+    _, image, _, _ = overlay_row(Case("f", frame, label), label)
+    assert image.shape == (3, 8, 12)
+    rgb = overlay_rgb(image, None).astype(int)
+    assert rgb[..., 0].mean() > rgb[..., 1].mean() > rgb[..., 2].mean()  # not grey
+    grey = rng.standard_normal((1, 8, 12)).astype(np.float32)
+    assert overlay_row(Case("g", grey, label), label)[1].shape == (8, 12)
+    volume = rng.standard_normal((2, 4, 8, 12)).astype(np.float32)  # 2 channels, 4 slices
+    vlabel = np.zeros((4, 8, 12), np.int64)
+    vlabel[2, 2:5, 3:6] = 1
+    _, image, truth, _ = overlay_row(Case("v", volume, vlabel), vlabel)
+    assert image.shape == (8, 12) and np.array_equal(image, volume[0, 2]) and truth.sum() == 9

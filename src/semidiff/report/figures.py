@@ -380,7 +380,9 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
     first = next(iter(chosen.values()))
     cases = [k[len("image/"):] for k in first.files if k.startswith("image/")][:max_cases]
     ncol = 2 + len(chosen)
-    fig = _figure(2.2 * ncol, 2.3 * len(cases) + 0.4)
+    # Rows as tall as the frames' aspect asks (a 16:9 endoscopy frame needs half a square panel).
+    height, width = first[f"truth/{cases[0]}"].shape[-2:]
+    fig = _figure(2.2 * ncol, (2.2 * height / width + 0.3) * len(cases) + 0.9)
     shown = next(r for r in with_slices if (r.labeled, r.seed) == (n, seed))
     fig.suptitle(f"validation slices, {shown.labeled_text}, seed {seed}, last checkpoint", fontsize=9)
     for i, case in enumerate(cases):
@@ -399,7 +401,7 @@ def plot_qualitative(results: list[CellResult], out_file: Path, max_cases: int) 
     # Class colours: the foreground classes are 1.. in the order of the summaries' per-class names.
     names = with_slices[0].class_names
     fig.legend(handles=[Patch(color=np.asarray(class_colour(i + 1)) / 255.0, label=c) for i, c in enumerate(names)],
-               loc="outside lower center", ncol=len(names), fontsize=8)
+               loc="outside lower center", ncol=min(len(names), max(2, int(2.2 * ncol / 1.7))), fontsize=8)
     fig.savefig(out_file)
     return True
 
