@@ -154,6 +154,7 @@ def test_share_never_exceeds_the_threads_the_process_was_given(tmp_path, monkeyp
 
 def test_fixed_threads_warn_when_the_machine_is_oversubscribed(tmp_path, monkeypatch):
     monkeypatch.setattr("semidiff.engine.threads.available_cores", lambda: 2)
+    monkeypatch.setattr("semidiff.engine.threads.load_average", lambda: 0.0)  # only the registry's warning
     share = ThreadShare(fixed=2, folder=tmp_path, log=lambda _: None)
     share.register()
     (tmp_path / str(os.getppid())).touch()  # the parent process stands in for another training
@@ -165,6 +166,46 @@ def test_fixed_threads_warn_when_the_machine_is_oversubscribed(tmp_path, monkeyp
             share.update()  # said once
     finally:
         share.unregister()
+
+
+def test_a_busy_machine_is_warned_about_once_and_the_threads_do_not_follow_the_load(tmp_path, monkeypatch):
+    """Another program's threads (not in the registry) show in the load average: a warning, same threads."""
+    monkeypatch.setattr("semidiff.engine.threads.available_cores", lambda: 2)
+    torch.set_num_threads(2)
+    load = {"value": 2.0}
+    monkeypatch.setattr("semidiff.engine.threads.load_average", lambda: load["value"])
+    share = ThreadShare(folder=tmp_path, log=lambda _: None)
+    share.register()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert share.update() == 2  # load 2 on 2 cores: this training's own threads
+        load["value"] = 4.2  # another program runs 2 threads beside it
+        with pytest.warns(UserWarning, match="load average is 4.2 on 2 cores"):
+            assert share.update() == 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert share.update() == 2  # said once
+    finally:
+        share.unregister()
+    monkeypatch.setattr("semidiff.engine.threads.load_average", lambda: None)  # no load average (not POSIX)
+    quiet = ThreadShare(folder=tmp_path, log=lambda _: None)
+    quiet.register()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert quiet.update() == 2
+    finally:
+        quiet.unregister()
+    monkeypatch.setattr("semidiff.engine.threads.load_average", lambda: 4.2)
+    loading = ThreadShare(folder=tmp_path, log=lambda _: None, loader_workers=2)  # its own loader workers
+    loading.register()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert loading.update() == 2
+    finally:
+        loading.unregister()
 
 
 # ---- method speed paths ------------------------------------------------------------------------

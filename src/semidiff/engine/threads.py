@@ -19,6 +19,14 @@ from semidiff.hardware import available_cores
 __all__ = ["ThreadShare"]
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable threads), or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -40,15 +48,23 @@ class ThreadShare(L.Callback):
     instead of fighting over all of them. With ``train.num_threads`` set, that count is kept and
     only a warning says when the machine is oversubscribed.
 
+    Programs other than semidiff trainings are not in the registry. When the load average shows
+    more busy threads than the cores and this machine's trainings account for, a warning says so
+    (once); the thread count does not follow the load, so a run's numerics do not depend on what
+    else happened to run (exact resume).
+
     Args:
         fixed: ``train.num_threads`` (None: share the cores).
         every: steps between checks.
         folder: the registry folder (tests pass their own).
         log: where the changes are reported.
+        loader_workers: ``data.num_workers``: processes of each training that also keep a core busy.
     """
 
-    def __init__(self, fixed: int | None = None, every: int = 20, folder: str | Path | None = None, log=print):
+    def __init__(self, fixed: int | None = None, every: int = 20, folder: str | Path | None = None, log=print,
+                 loader_workers: int = 0):
         self.fixed = fixed
+        self.loader_workers = loader_workers
         self.every = max(1, int(every))
         self.folder = Path(folder) if folder else Path(tempfile.gettempdir()) / "semidiff-trainings"
         # Not ``self.log``: Lightning overwrites every callback's ``log`` with the module's metric logger.
@@ -57,6 +73,7 @@ class ThreadShare(L.Callback):
         self.threads: int | None = None
         self.cap = torch.get_num_threads()
         self._warned = False
+        self._warned_load = False
 
     def register(self) -> None:
         self.cap = torch.get_num_threads()
@@ -93,12 +110,28 @@ class ThreadShare(L.Callback):
                               "leave train.num_threads unset to share the cores", stacklevel=2)
         else:
             threads = max(1, min(self.cap, cores // running))
+        self._check_load(cores, running * (threads + self.loader_workers))
         if threads != self.threads:
             torch.set_num_threads(threads)
             if self.threads is not None or running > 1:
                 self.report(f"{running} training(s) on {cores} cores: {threads} thread(s) for this one")
             self.threads = threads
         return threads
+
+    def _check_load(self, cores: int, ours: int) -> None:
+        """Warn once when the load average exceeds the cores by more than this machine's trainings explain.
+
+        A margin of one thread: the load average is an average over the last minute, and a training
+        that has just started, or the loader's worker, adds a fraction of one.
+        """
+        load = load_average()
+        if self._warned_load or load is None or load <= max(cores, ours) + 1.0:
+            return
+        self._warned_load = True
+        warnings.warn(f"the machine's load average is {load:.1f} on {cores} cores, more than the {ours} thread(s) "
+                      "of the semidiff trainings running here: another program is using the CPU, so every "
+                      "training runs slower (several times, when threads outnumber cores); the thread count "
+                      "is left as it is so that results stay reproducible", stacklevel=2)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step % self.every == 0:

@@ -121,7 +121,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, log=print,
 
     ``extra_files`` (name -> text) are written into the run folder beside ``config.yaml`` (the plan).
     """
-    threads = ThreadShare(cfg.train.num_threads, log=log)
+    threads = ThreadShare(cfg.train.num_threads, log=log, loader_workers=cfg.data.num_workers)
     threads.register()  # counted among this machine's trainings until training and evaluation end
     try:
         return _train(cfg, resume, overwrite, log, threads, extra_files or {})
