@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from semidiff.bench.records import record_mismatch
-from semidiff.bench.runner import finished_seconds, run_bench, time_left
+from semidiff.bench.runner import finished_seconds, run_bench, select_cells, time_left
 from semidiff.bench.spec import Cell, cell_done, grid_cells, load_bench
 from semidiff.cli import main
 from semidiff.data.synthetic import make_synthetic_dataset
@@ -534,6 +534,33 @@ def test_a_row_can_run_its_own_seeds(tmp_path):
         "name": "n", "labeled": [3], "methods": [{"name": "a", "config": "sup.yaml", "seeds": []}]}}))
     with pytest.raises(ConfigError, match="seeds"):
         load_bench(tmp_path / "b.yaml")
+
+
+def test_cells_are_picked_by_name_in_the_order_asked_and_a_typo_is_an_error(tmp_path):
+    """`semidiff bench CONFIG --cells 'b_*' a_l3_s1 --list`: the grid in pieces, longest cells first."""
+    base = {"experiment": {"name": "x"}, "data": {"reader": "synthetic", "root": "r"},
+            "model": {"net": "unet2d", "num_classes": 2}, "method": {"name": "supervised"}}
+    (tmp_path / "sup.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {
+        "name": "n", "output_dir": str(tmp_path / "out"), "labeled": [3], "seeds": [0, 1],
+        "methods": [{"name": "a", "config": "sup.yaml"}, {"name": "b", "config": "sup.yaml"}]}}))
+    spec, base_dir = load_bench(tmp_path / "b.yaml")
+    cells = grid_cells(spec, base_dir, tmp_path)
+    assert [c.name for c in select_cells(cells, None)] == ["a_l3_s0", "b_l3_s0", "a_l3_s1", "b_l3_s1"]
+    # in the patterns' order, each cell once
+    assert [c.name for c in select_cells(cells, ["b_*", "a_l3_s1", "b_l3_s0"])] == ["b_l3_s0", "b_l3_s1", "a_l3_s1"]
+    with pytest.raises(ConfigError, match="'c_\\*' matches no cell.*a_l3_s0"):
+        select_cells(cells, ["a_l3_s0", "c_*"])
+    # --list trains nothing and says which selected cells are finished
+    finished = tmp_path / "out" / "n" / "runs" / "b_l3_s1"
+    (finished / "eval_val_last").mkdir(parents=True)
+    (finished / "eval_val_last" / "summary.json").write_text("{}")
+    (finished / "timing.json").write_text(json.dumps({"wall_seconds": 7200.0}))
+    lines: list[str] = []
+    assert run_bench(tmp_path / "b.yaml", log=lines.append, cells_wanted=["b_*"], list_only=True) == 0
+    assert lines[-3:] == ["b_l3_s0: to run", "b_l3_s1: finished",
+                          "2 cell(s) selected of 4; 1 cell(s) left, about 2.0 h for 1 of them"]
+    assert sorted(p.name for p in (tmp_path / "out" / "n" / "runs").iterdir()) == ["b_l3_s1"]
 
 
 def test_the_committed_records_are_what_their_cells_would_train_now():

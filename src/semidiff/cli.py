@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "resumable; rebuilds the report after every cell")
     p.add_argument("config", help="bench YAML (a top-level 'bench' section)")
     p.add_argument("overrides", nargs="*", metavar="bench.key=value", help="override bench keys, e.g. bench.workers=2")
+    p.add_argument("--cells", nargs="+", metavar="GLOB", default=None,
+                   help="run only the cells whose names match, in this order (e.g. 'diffcl_*' 'protodiff_l6_s1'): "
+                        "a grid that spans sessions runs its longest cells first")
+    p.add_argument("--list", action="store_true", help="list the (selected) cells, finished or to run, and the time "
+                                                       "left; train nothing")
     p = sub.add_parser("report", help="rebuild tables and figures from finished runs, without training")
     p.add_argument("target", help="bench folder, run folder, a folder of run folders, or a bench config "
                                   "(its finished cells and records, in its bench folder)")
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from semidiff.bench.runner import run_bench
 
-            return 1 if run_bench(args.config, args.overrides) else 0
+            return 1 if run_bench(args.config, args.overrides, cells_wanted=args.cells, list_only=args.list) else 0
         if args.command == "report":
             from semidiff.bench.runner import report_from_config
             from semidiff.report.build import write_report

@@ -9,6 +9,7 @@ skipped and an interrupted cell continues from its ``last`` checkpoint; after ev
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import subprocess
@@ -101,10 +102,45 @@ def report_from_config(config: str | Path, overrides: list[str] | None = None,
     return write_report(bench_dir, log=log)
 
 
-def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print) -> int:
-    """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures."""
+def select_cells(cells: list[Cell], patterns: list[str] | None) -> list[Cell]:
+    """The cells whose names match ``patterns`` (shell globs, e.g. ``diffcl_*``), in the patterns' order.
+
+    A grid that spans sessions (or machines) runs in pieces: the longest cells first, or one row, or
+    one seed. None or empty: every cell, in grid order.
+
+    Raises:
+        ConfigError: a pattern matches no cell of the grid (a typo would otherwise run nothing).
+    """
+    if not patterns:
+        return list(cells)
+    chosen: dict[str, Cell] = {}
+    for pattern in patterns:
+        matched = [c for c in cells if fnmatch.fnmatchcase(c.name, pattern)]
+        if not matched:
+            from semidiff.errors import ConfigError
+
+            names = ", ".join(c.name for c in cells[:6]) + (", ..." if len(cells) > 6 else "")
+            raise ConfigError(f"bench --cells: {pattern!r} matches no cell of this grid (cells: {names})")
+        chosen.update((c.name, c) for c in matched if c.name not in chosen)
+    return list(chosen.values())
+
+
+def run_bench(config: str | Path, overrides: list[str] | None = None, log: Callable[[str], None] = print,
+              cells_wanted: list[str] | None = None, list_only: bool = False) -> int:
+    """Run every unfinished cell of a bench, rebuilding the report after each; returns the failures.
+
+    ``cells_wanted``: globs of cell names to run, in that order (:func:`select_cells`); ``list_only``
+    logs each selected cell as finished or to run, with the time left, and trains nothing.
+    """
     spec, bench_dir, cells, records = prepare_bench(config, overrides, log)
-    todo = [c for c in cells if not cell_done(bench_dir / "runs" / c.name)]
+    selected = select_cells(cells, cells_wanted)
+    todo = [c for c in selected if not cell_done(bench_dir / "runs" / c.name)]
+    if list_only:
+        for c in selected:
+            log(f"{c.name}: {'to run' if c in todo else 'finished'}")
+        log(f"{len(selected)} cell(s) selected of {len(cells)}; "
+            f"{time_left(todo, finished_seconds(cells, bench_dir / 'runs'))}")
+        return 0
     # For the estimate of what is left, logged at the start and after every cell.
     pending, seconds = list(todo), finished_seconds(cells, bench_dir / "runs")
     log(f"bench {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
