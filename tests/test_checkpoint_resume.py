@@ -101,6 +101,46 @@ def test_trainer_checkpoints_go_through_the_atomic_writer(tmp_path, tiny_data, m
     assert not [p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
+def test_last_checkpoint_follows_every_validation_even_when_best_does_not(tmp_path):
+    """Lightning alone kept ``last.ckpt`` at the best validation (step 1500 of a 2500-step run), so a
+    kill lost everything since; ``last`` now moves at every validation while ``best`` stays put."""
+    import lightning as L
+
+    from semidiff.engine.checkpoint_io import AtomicCheckpointIO, BestAndLastCheckpoint
+
+    class Worsening(L.LightningModule):  # validation score 1, 1/2, 1/3: only the first is best
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+            self.validations = 0
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            pass
+
+        def on_validation_epoch_end(self):
+            self.validations += 1
+            self.log("val/dice_mean", 1.0 / self.validations)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=4)
+    ckpt = BestAndLastCheckpoint(dirpath=tmp_path, filename="best", monitor="val/dice_mean", mode="max",
+                                 save_last=True, save_top_k=1, enable_version_counter=False)
+    ckpt.CHECKPOINT_NAME_LAST = "last"
+    trainer = L.Trainer(max_steps=12, val_check_interval=4, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        limit_val_batches=1, callbacks=[ckpt], plugins=[AtomicCheckpointIO()], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Worsening(), data, data)
+    assert torch.load(tmp_path / "best.ckpt", weights_only=False)["global_step"] == 4
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
 def test_killed_writer_never_corrupts_the_target(tmp_path):
     """SIGKILL a process that keeps rewriting a large checkpoint: the file always loads."""
     target = tmp_path / "last.ckpt"

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
-__all__ = ["TEMP_PREFIX", "AtomicCheckpointIO", "atomic_torch_save", "remove_stale_temporaries"]
+__all__ = ["TEMP_PREFIX", "AtomicCheckpointIO", "BestAndLastCheckpoint", "atomic_torch_save",
+           "remove_stale_temporaries"]
 
 #: Prefix of the temporary files (hidden, and never ending in ``.ckpt``).
 TEMP_PREFIX = ".tmp-"
@@ -96,3 +99,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
         atomic_torch_save(checkpoint, path)
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """``best.ckpt`` when the monitored validation score improves, ``last.ckpt`` after every validation.
+
+    Lightning's ``ModelCheckpoint`` (2.6) writes ``last`` only at a validation that also wrote a
+    top-k checkpoint, so once validation stopped improving ``last.ckpt`` stayed where the best was:
+    an EndoScapes run of 2500 steps kept a ``last`` of step 1500, and a kill would have lost the
+    1000 steps since (the promise is: at most the work since the last validation). Here ``last`` is
+    written after every validation as well, on every rank alike (the save is collective).
+    """
+
+    _last_step_written = -1
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step_written = trainer.global_step
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and self._last_step_written != trainer.global_step and not trainer.sanity_checking
+                and trainer.state.fn == TrainerFn.FITTING and not trainer.fast_dev_run):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from semidiff.config import Config
 from semidiff.data.preprocessing import preprocessing_from_config
 from semidiff.data.record import check_label_values
-from semidiff.engine.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
+from semidiff.engine.checkpoint_io import (
+    AtomicCheckpointIO,
+    BestAndLastCheckpoint,
+    remove_stale_temporaries,
+)
 from semidiff.engine.data import SemidiffData
 from semidiff.engine.module import SemidiffModule
 from semidiff.engine.threads import ThreadShare
@@ -169,7 +172,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
         f"{len(data.splits.val)} validation cases")
 
     has_val = bool(data.splits.val)
-    ckpt_cb = ModelCheckpoint(
+    ckpt_cb = BestAndLastCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/dice_mean" if has_val else None,
