@@ -223,9 +223,19 @@ def test_overlay_row_keeps_the_colours_of_an_rgb_frame() -> None:
     frame += rng.uniform(0, 0.01, frame.shape).astype(np.float32)
     label = np.zeros((8, 12), np.int64)
     _, image, _, _ = overlay_row(Case("f", frame, label), label)
-    assert image.shape == (3, 8, 12)
+    assert image.shape == (8, 12, 3) and image.dtype == np.uint8
     rgb = overlay_rgb(image, None).astype(int)
     assert rgb[..., 0].mean() > rgb[..., 1].mean() > rgb[..., 2].mean()  # not grey
+    # A large frame is kept small (the panels are ~220 px wide), the masks at full size still overlay it
+    big = np.repeat(np.repeat(frame, 80, axis=1), 80, axis=2)  # (3, 640, 960)
+    big_label = np.zeros((640, 960), np.int64)
+    big_label[:320] = 1
+    _, small, _, _ = overlay_row(Case("b", big, big_label), big_label)
+    assert small.shape == (320, 480, 3)
+    shown = overlay_rgb(small, big_label)
+    assert shown.shape == (640, 960, 3) and not np.array_equal(shown[:320], shown[320:])
+    with pytest.raises(ValueError, match="differs from image shape"):
+        overlay_rgb(small, np.zeros((640, 700), np.int64))  # another frame's mask
     grey = rng.standard_normal((1, 8, 12)).astype(np.float32)
     assert overlay_row(Case("g", grey, label), label)[1].shape == (8, 12)
     volume = rng.standard_normal((2, 4, 8, 12)).astype(np.float32)  # 2 channels, 4 slices

@@ -96,10 +96,13 @@ def labels_from_probs(cfg: Config, probs: np.ndarray) -> np.ndarray:
 def overlay_row(case, pred: np.ndarray) -> tuple:
     """(case id, image, truth, prediction) in 2D: volumes show their slice with most foreground.
 
-    A 2D colour frame (3 channels, e.g. endoscopy) keeps its channels; other images show the first.
+    A 2D colour frame (3 channels, e.g. endoscopy) is kept in colour, as a small uint8 display image
+    (:func:`~semidiff.evaluation.figures.display_colour`); other images show their first channel.
     """
     if case.image.ndim == 3 and case.image.shape[0] == 3:
-        return case.case_id, case.image, case.label, pred
+        from semidiff.evaluation.figures import display_colour
+
+        return case.case_id, display_colour(case.image), case.label, pred
     img = case.image[0]
     if img.ndim == 3:
         s = pick_slice(case.label)

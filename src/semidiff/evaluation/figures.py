@@ -71,6 +71,8 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
     Accepts ``(H, W)`` (grey), ``(H, W, 3)`` or ``(3, H, W)`` (colour, e.g. endoscopy) and
     ``(1, H, W)``; other channel-first stacks show their first channel.
     """
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] == 3:
+        return image.astype(np.float64) / 255.0  # already a display image (display_colour)
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 3:
         if img.shape[-1] in (3, 4) and img.shape[0] not in (1, 3):
@@ -86,6 +88,27 @@ def _to_rgb(image: np.ndarray) -> np.ndarray:
         hi = lo + 1.0
     img = np.clip((img - lo) / (hi - lo), 0.0, 1.0)
     return img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)
+
+
+def display_colour(image: np.ndarray, max_side: int = 480) -> np.ndarray:
+    """A ``(3, H, W)`` colour frame as a ``(h, w, 3)`` uint8 display image, its longest side at most ``max_side``.
+
+    The overlays of colour frames (endoscopy) keep this instead of the float frame: a panel shows a
+    frame about 220 pixels wide, and three 854x480 float frames would make every bench record 3 MB.
+    Contrast from the 1st-99th percentiles, then an integer area-average down-sampling.
+    """
+    rgb = _to_rgb(image)
+    k = max(1, -(-max(rgb.shape[:2]) // max_side))
+    if k > 1:
+        h, w = rgb.shape[0] // k * k, rgb.shape[1] // k * k
+        rgb = rgb[:h, :w].reshape(h // k, k, w // k, k, 3).mean(axis=(1, 3))
+    return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def _resize_nearest(rgb: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * rgb.shape[0] / shape[0], rgb.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * rgb.shape[1] / shape[1], rgb.shape[1] - 1).astype(int)
+    return rgb[rows][:, cols]
 
 
 def label_to_rgb(mask: np.ndarray) -> np.ndarray:
@@ -107,7 +130,11 @@ def overlay_rgb(image: np.ndarray, mask: np.ndarray | None, alpha: float = _ALPH
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != rgb.shape[:2]:
-            raise ValueError(f"mask shape {mask.shape} differs from image shape {rgb.shape[:2]}")
+            # A down-sampled display image (display_colour) of the same frame: shown at the mask's size.
+            ratio = np.array(mask.shape, float) / np.array(rgb.shape[:2], float) if mask.ndim == 2 else None
+            if ratio is None or abs(ratio[0] - ratio[1]) > 0.02 * ratio.max() or ratio.min() < 1:
+                raise ValueError(f"mask shape {mask.shape} differs from image shape {rgb.shape[:2]}")
+            rgb = _resize_nearest(rgb, mask.shape)
         fg = (mask != 0) & (mask != IGNORE_INDEX)  # not-annotated pixels stay uncoloured, not a class colour
         colours = label_to_rgb(mask).astype(np.float64) / 255.0
         rgb[fg] = (1.0 - alpha) * rgb[fg] + alpha * colours[fg]
