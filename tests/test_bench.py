@@ -595,3 +595,24 @@ def test_a_folder_of_runs_is_ordered_by_the_methods_table_rank(tmp_path):
             "supervised", "mean_teacher", "bcp", "diffcl", "protodiff", "newcomer"]
     finally:
         METHODS.unregister("newcomer")
+
+
+def test_empty_frames_separates_the_frames_without_the_class_from_those_with_it(tmp_path):
+    """benchmarks/empty_frames.py: a network that never predicts a class absent from 3 of 4 frames
+    scores 0.75 on it under the strict rule, and 0 on the one frame that has it."""
+    spec = importlib.util.spec_from_file_location(
+        "empty_frames", Path(__file__).parents[1] / "benchmarks" / "empty_frames.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    per_case = tmp_path / "per_case.csv"
+    rows = [("f0", "artery", 1.0, 1, 1), ("f1", "artery", 1.0, 1, 1), ("f2", "artery", 1.0, 1, 1),
+            ("f3", "artery", 0.0, 1, 0),
+            ("f0", "tool", 0.5, 0, 0), ("f1", "tool", 0.7, 0, 0), ("f2", "tool", 0.0, 1, 0), ("f3", "tool", 0.0, 0, 1)]
+    with open(per_case, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case_id", "class_name", "dice", "pred_empty", "ref_empty"])
+        w.writerows(rows)
+    lines, strict, present = module.summary(module.class_rows(per_case))
+    assert lines[0] == ("artery", 4, 4, 3, 0.75, 0.0)
+    assert lines[1][:4] == ("tool", 4, 1, 1) and lines[1][4] == pytest.approx(0.3) and lines[1][5] == pytest.approx(0.4)
+    assert strict == pytest.approx(0.525) and present == pytest.approx(0.2)
