@@ -22,18 +22,19 @@ torch.set_num_threads(2)
 run = Path(sys.argv[1]); ckpt = run / "checkpoints" / sys.argv[2]
 module = load_module(str(ckpt)); cfg = module.cfg; method = module.method
 reader = build_reader(cfg); splits = build_splits(cfg, reader)
-cs = getattr(method, "cs", method)
-bns = [m for m in cs.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+output = "cs" if hasattr(method, "cs") else None  # Diff-CL: its CS network; other methods: the whole method
+net = getattr(method, "cs", method)
+bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 print(len(bns), "BatchNorm layers re-estimated;", len(splits.labeled), "labeled frames")
 method.eval()
 for m in bns:
     m.reset_running_stats(); m.momentum = None; m.train()
-predict = method.predictor("cs" if hasattr(method, "cs") else None)
+predict = method.predictor(output)
 with torch.no_grad():
     for ref in splits.labeled:
         case = reader.load(ref)
         predict_image(predict, cfg, case.image, torch.device("cpu"))
 res = evaluate(method, cfg, reader, splits.val, Path(sys.argv[3]), split="val",
                checkpoint=f"{ckpt.stem}, BN statistics re-estimated on the labeled frames", device=torch.device("cpu"),
-               output=("cs" if hasattr(method, "cs") else None), log=lambda *_: None)
+               output=output, log=lambda *_: None)
 print("mean dice", res["summary"]["mean"]["dice"])

@@ -189,23 +189,20 @@ def test_a_busy_machine_is_warned_about_once_and_the_threads_do_not_follow_the_l
     finally:
         share.unregister()
     monkeypatch.setattr("semidiff.engine.threads.load_average", lambda: None)  # no load average (not POSIX)
-    quiet = ThreadShare(folder=tmp_path, log=lambda _: None)
-    quiet.register()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert quiet.update() == 2
-    finally:
-        quiet.unregister()
+    _assert_quiet_update(ThreadShare(folder=tmp_path, log=lambda _: None), threads=2)
     monkeypatch.setattr("semidiff.engine.threads.load_average", lambda: 4.2)
-    loading = ThreadShare(folder=tmp_path, log=lambda _: None, loader_workers=2)  # its own loader workers
-    loading.register()
+    _assert_quiet_update(ThreadShare(folder=tmp_path, log=lambda _: None, loader_workers=2), threads=2)  # its own workers
+
+
+def _assert_quiet_update(share: ThreadShare, threads: int) -> None:
+    """Register ``share``, check that an update sets ``threads`` without any warning, unregister."""
+    share.register()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert loading.update() == 2
+            assert share.update() == threads
     finally:
-        loading.unregister()
+        share.unregister()
 
 
 # ---- method speed paths ------------------------------------------------------------------------

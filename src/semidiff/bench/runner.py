@@ -121,7 +121,7 @@ def select_cells(cells: list[Cell], patterns: list[str] | None) -> list[Cell]:
 
             names = ", ".join(c.name for c in cells[:6]) + (", ..." if len(cells) > 6 else "")
             raise ConfigError(f"bench --cells: {pattern!r} matches no cell of this grid (cells: {names})")
-        chosen.update((c.name, c) for c in matched if c.name not in chosen)
+        chosen.update((c.name, c) for c in matched)  # a cell matched again keeps its first place
     return list(chosen.values())
 
 

@@ -20,7 +20,7 @@ import torch
 
 from semidiff.config import Config
 from semidiff.data.transforms import resample_to_shape, resample_volume
-from semidiff.evaluation.figures import overlay_panel, pick_slice
+from semidiff.evaluation.figures import display_colour, overlay_panel, pick_slice
 from semidiff.evaluation.inference import keep_largest_component, predict_case
 from semidiff.evaluation.metrics import (
     case_metrics,
@@ -100,8 +100,6 @@ def overlay_row(case, pred: np.ndarray) -> tuple:
     (:func:`~semidiff.evaluation.figures.display_colour`); other images show their first channel.
     """
     if case.image.ndim == 3 and case.image.shape[0] == 3:
-        from semidiff.evaluation.figures import display_colour
-
         return case.case_id, display_colour(case.image), case.label, pred
     img = case.image[0]
     if img.ndim == 3:
