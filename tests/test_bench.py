@@ -278,6 +278,26 @@ def test_report_mean_and_std_over_seeds_from_known_values(tmp_path):
     assert len(collect(tmp_path)) == 4
 
 
+def test_the_pooled_columns_appear_once_a_run_has_them_and_runs_without_show_na(tmp_path):
+    _fake_run(tmp_path / "a", "sup", 3, 0, 0.5, 4.0)
+    write_report(tmp_path, log=lambda _m: None)
+    assert "pooled Dice" not in (tmp_path / "table.md").read_text()
+    for seed, pooled in ((1, 0.2), (2, 0.4)):
+        _fake_run(tmp_path / f"p{seed}", "mt", 3, seed, 0.6, 4.0)
+        summary = tmp_path / f"p{seed}" / "eval_val_last" / "summary.json"
+        s = json.loads(summary.read_text())
+        s["pooled"] = {"dice": pooled, "jaccard": pooled / 2}
+        s["per_class"]["fg"]["pooled"] = {"dice": pooled, "jaccard": pooled / 2}
+        summary.write_text(json.dumps(s))
+    write_report(tmp_path, log=lambda _m: None)
+    text = (tmp_path / "table.md").read_text()
+    assert "| pooled Dice | pooled per-class Dice | pooled IoU |" in text
+    assert "| 0.3000 ± 0.1414 | fg 0.300 ± 0.141 | 0.1500 ± 0.0707 |" in text  # mt: seeds 1 and 2
+    assert "| sup | 3 | last | 1 | 0.5000 |" in text and "| n/a | fg n/a | n/a |" in text
+    rows = list(csv.DictReader((tmp_path / "table.csv").read_text().splitlines()))
+    assert {(r["method"], r["class"]) for r in rows if r["metric"] == "pooled_dice"} == {("mt", "mean"), ("mt", "fg")}
+
+
 def test_a_fraction_of_the_labels_is_written_as_a_share_not_as_a_count(tmp_path):
     _fake_run(tmp_path / "few", "supervised", 3, 0, 0.5, 4.0)
     _fake_run(tmp_path / "all", "supervised", 1, 0, 0.8, 2.0)  # all labels: data.labeled=1.0

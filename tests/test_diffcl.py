@@ -9,6 +9,7 @@ for any number of steps, state shapes in 2D and 3D) are tested on ``LabelDiffusi
 from __future__ import annotations
 
 import json
+import copy
 import math
 from pathlib import Path
 
@@ -705,6 +706,36 @@ def test_separate_cs_forward_runs_cs_once_per_stream(monkeypatch):
     out = method.training_step(labeled, unlabeled, Progress(5, 10))
     assert sizes == [2, 3]
     assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("view", ["same", "strong"])
+def test_labeled_bn_stats_record_the_labeled_pass_only_and_leave_training_unchanged(view):
+    labeled, unlabeled = _batch(2)
+    runs = {}
+    for stats in ("all", "labeled"):
+        torch.manual_seed(0)
+        method = _method(2, cs_view=view, cs_forward="separate", cs_bn_stats=stats)
+        method.train()
+        for m in method.cs.modules():  # no dropout, so a pass outside the step is the step's pass
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+                m.p = 0.0
+        before = copy.deepcopy(method.cs)
+        torch.manual_seed(1)
+        runs[stats] = (method.training_step(labeled, unlabeled, Progress(5, 10))["loss"], method.cs, before)
+    torch.testing.assert_close(runs["all"][0], runs["labeled"][0])  # the same step, the same loss
+    _, cs, fresh = runs["labeled"]
+    fresh(labeled["image"])  # a pass over the labeled images alone, in train mode
+    buffers = [name for name, _ in cs.named_buffers() if name.endswith("running_mean")]
+    assert buffers
+    for name in buffers:
+        torch.testing.assert_close(cs.get_buffer(name), fresh.get_buffer(name))
+    assert any(not torch.allclose(runs["all"][1].get_buffer(n), cs.get_buffer(n)) for n in buffers)
+    assert all(m.track_running_stats for m in cs.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_labeled_bn_stats_need_separate_passes():
+    with pytest.raises(Exception, match="cs_forward 'separate'"):
+        _method(2, cs_forward="joint", cs_bn_stats="labeled")
 
 
 def _masks_of_one_step(monkeypatch, method):

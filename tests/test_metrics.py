@@ -135,7 +135,7 @@ def test_strict_empty_rule() -> None:
     some, none = _empty_cases()
     both = binary_metrics(none, none)
     assert both == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0, "assd": 0.0,
-                    "pred_empty": 1.0, "ref_empty": 1.0}
+                    "pred_empty": 1.0, "ref_empty": 1.0, "intersection": 0.0, "pred_voxels": 0.0, "ref_voxels": 0.0}
     diag_vox = math.sqrt(10**2 + 20**2 + 30**2)
     spacing = (0.625, 0.625, 2.5)
     diag_mm = math.sqrt((10 * 0.625) ** 2 + (20 * 0.625) ** 2 + (30 * 2.5) ** 2)
@@ -272,3 +272,36 @@ def test_write_metrics(tmp_path) -> None:
     assert saved["mean"]["dice"] == pytest.approx(summary["mean"]["dice"])
     assert "| LV |" in table and "**mean**" in table and "voxels" in table and "strict" in table
     assert table.startswith(format_summary_table(summary).split("\n\n")[0])
+
+
+def test_pooled_dice_sums_the_voxel_counts_and_gives_silence_no_credit(tmp_path) -> None:
+    """Four 2D frames; class 1 is in one frame only. A network that never predicts it scores 0.75 per
+    frame under the strict rule, and 0 pooled; one that finds half of it scores the pooled 2*8/(8+16)."""
+    ref = np.zeros((4, 8, 8), np.uint8)
+    ref[0, :2, :] = 1  # 16 voxels of class 1 in frame 0
+    ref[:, 4:, :] = 2  # class 2 everywhere: 32 voxels per frame
+    silent = np.where(ref == 1, 0, ref)
+    half = silent.copy()
+    half[0, :1, :] = 1  # 8 of the 16
+    half[1, 4:6, :] = 1  # and 16 false positives of class 1 in a frame without it (taken from class 2)
+
+    def summary_of(pred):
+        records = [{"case_id": str(i), "metrics": case_metrics(pred[i], ref[i], 3)} for i in range(4)]
+        return records, summarize(records, ["bg", "one", "two"])
+
+    _, s = summary_of(silent)
+    assert s["per_class"]["one"]["dice"]["mean"] == pytest.approx(0.75)  # strict: 3 empty frames score 1
+    assert s["per_class"]["one"]["pooled"] == {"dice": 0.0, "jaccard": 0.0}
+    assert s["per_class"]["two"]["pooled"]["dice"] == 1.0
+    assert s["pooled"]["dice"] == pytest.approx(0.5)
+    records, s = summary_of(half)
+    assert s["per_class"]["one"]["pooled"]["dice"] == pytest.approx(2 * 8 / (24 + 16))
+    assert s["per_class"]["one"]["pooled"]["jaccard"] == pytest.approx(8 / (24 + 16 - 8))
+    assert s["per_class"]["two"]["pooled"]["dice"] == pytest.approx(2 * 112 / (112 + 128))
+    table = write_metrics(records, s, tmp_path, {"units": "voxels", "empty_rule": "strict"})
+    assert "pooled over cases" in table
+    with open(tmp_path / "per_case.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert (rows[0]["intersection"], rows[0]["pred_voxels"], rows[0]["ref_voxels"]) == ("8.0", "8.0", "16.0")
+    # Records written before the counts existed (no counts): no pooled numbers, nothing invented.
+    assert "pooled" not in summarize(_known_records(), None)

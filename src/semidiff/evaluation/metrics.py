@@ -13,6 +13,12 @@ The surface and distance definitions follow ``medpy.metric.binary`` exactly (che
   literature reports as "ASD");
 * ``assd``: mean of ``d(P -> R)`` and ``d(R -> P)`` pooled (medpy 0.5's ``assd``).
 
+Next to these per-case means, :func:`summarize` reports **pooled** Dice and Jaccard (IoU) per class:
+the voxel counts of every case added before dividing, ``2 sum|P & R| / (sum|P| + sum|R|)``, as
+semantic-segmentation benchmarks compute mIoU over a dataset. No empty rule enters them, so on 2D
+frames where a class is often absent they cannot reward a network for never predicting it (a class
+never predicted pools to 0), which the strict per-case mean does (Dice 1 on every frame without it).
+
 Distances are in voxels when no spacing is given, else in the spacing's units (mm).
 """
 
@@ -32,6 +38,7 @@ from scipy import ndimage
 from semidiff.errors import ConfigError
 
 __all__ = [
+    "COUNT_NAMES",
     "METRIC_NAMES",
     "EmptyRule",
     "binary_metrics",
@@ -48,6 +55,9 @@ METRIC_NAMES: tuple[str, ...] = ("dice", "jaccard", "hd95", "asd", "assd")
 # Columns that flag emptiness; stored as 0.0/1.0 next to the metrics so a record stays a flat
 # ``dict[str, float]`` that writes straight to CSV.
 _FLAG_NAMES: tuple[str, ...] = ("pred_empty", "ref_empty")
+
+#: Voxel counts per case and class, the sums behind the pooled Dice and Jaccard: ``|P & R|``, ``|P|``, ``|R|``.
+COUNT_NAMES: tuple[str, ...] = ("intersection", "pred_voxels", "ref_voxels")
 
 
 class EmptyRule(str, Enum):
@@ -151,8 +161,9 @@ def binary_metrics(
         empty_rule: ``"strict"`` (default) or ``"literature"``, see :class:`EmptyRule`.
 
     Returns:
-        ``{"dice", "jaccard", "hd95", "asd", "assd", "pred_empty", "ref_empty"}``, all floats; the two
-        ``*_empty`` flags are 1.0 when that mask has no foreground voxel, else 0.0.
+        ``{"dice", "jaccard", "hd95", "asd", "assd", "pred_empty", "ref_empty", "intersection",
+        "pred_voxels", "ref_voxels"}``, all floats; the two ``*_empty`` flags are 1.0 when that mask
+        has no foreground voxel, else 0.0; the counts are ``|P & R|``, ``|P|`` and ``|R|`` in voxels.
 
     Raises:
         ConfigError: unknown ``empty_rule``.
@@ -167,7 +178,9 @@ def binary_metrics(
 
     n_pred = int(np.count_nonzero(pred))
     n_ref = int(np.count_nonzero(ref))
-    flags = {"pred_empty": float(n_pred == 0), "ref_empty": float(n_ref == 0)}
+    inter = int(np.count_nonzero(pred & ref))
+    flags = {"pred_empty": float(n_pred == 0), "ref_empty": float(n_ref == 0),
+             "intersection": float(inter), "pred_voxels": float(n_pred), "ref_voxels": float(n_ref)}
 
     if n_pred == 0 or n_ref == 0:
         if rule is EmptyRule.LITERATURE:
@@ -179,7 +192,6 @@ def binary_metrics(
             values = {"dice": 0.0, "jaccard": 0.0, "hd95": diag, "asd": diag, "assd": diag}
         return {**values, **flags}
 
-    inter = int(np.count_nonzero(pred & ref))
     to_ref, to_pred = _directed_distances(pred, ref, sp)
     both = np.concatenate([to_ref, to_pred])
     values = {
@@ -275,7 +287,11 @@ def summarize(per_case: Sequence[Mapping[str, Any]], class_names: Sequence[str] 
               "mean": {metric: mean over foreground classes of the class means},
               "std": {metric: std over cases of each case's foreground-class average},
               "one_empty_cases": total of "one_empty" over classes,
+              "pooled": {"dice": ..., "jaccard": ...},  # mean over foreground classes
             }
+
+        Each class also carries ``"pooled": {"dice", "jaccard"}``, its Dice and Jaccard of the voxel
+        counts summed over cases (module docstring); both are left out when the records lack counts.
 
         Standard deviations are population ones (numpy's default ``ddof=0``). ``one_empty`` counts
         the cases where exactly one of prediction and reference is empty for that class
@@ -304,6 +320,8 @@ def summarize(per_case: Sequence[Mapping[str, Any]], class_names: Sequence[str] 
         entry["one_empty"] = int(sum(p != r for p, r in zip(pe, re_)))
         entry["both_empty"] = int(sum(p and r for p, r in zip(pe, re_)))
         entry["num_cases"] = len(rows)
+        if rows and all(k in r for r in rows for k in COUNT_NAMES):  # records made before the counts have none
+            entry["pooled"] = pooled_scores(*(sum(float(r[k]) for r in rows) for k in COUNT_NAMES))
         per_class[labels[c]] = entry
 
     # Per-case foreground average, so the std of the mean describes case-to-case spread.
@@ -313,7 +331,7 @@ def summarize(per_case: Sequence[Mapping[str, Any]], class_names: Sequence[str] 
         for m in METRIC_NAMES:
             case_avgs[m].append(float(np.mean([r[m] for r in rows])))
 
-    return {
+    summary: dict[str, Any] = {
         "num_cases": len(per_case),
         "metrics": list(METRIC_NAMES),
         "per_class": per_class,
@@ -321,6 +339,19 @@ def summarize(per_case: Sequence[Mapping[str, Any]], class_names: Sequence[str] 
         "std": {m: float(np.std(case_avgs[m])) for m in METRIC_NAMES},
         "one_empty_cases": int(sum(e["one_empty"] for e in per_class.values())),
     }
+    if all("pooled" in e for e in per_class.values()):
+        summary["pooled"] = {m: float(np.mean([e["pooled"][m] for e in per_class.values()]))
+                             for m in ("dice", "jaccard")}
+    return summary
+
+
+def pooled_scores(intersection: float, pred_voxels: float, ref_voxels: float) -> dict[str, float]:
+    """Dice and Jaccard of voxel counts summed over cases (a class absent from every prediction and
+    reference: 1, nothing to find and nothing found)."""
+    total = pred_voxels + ref_voxels
+    if total == 0:
+        return {"dice": 1.0, "jaccard": 1.0}
+    return {"dice": 2.0 * intersection / total, "jaccard": intersection / (total - intersection)}
 
 
 def _lookup(metrics: Mapping[Any, Mapping[str, float]], c: int) -> Mapping[str, float] | None:
@@ -351,6 +382,10 @@ def format_summary_table(summary: Mapping[str, Any], protocol: Mapping[str, Any]
     mean = {m: {"mean": summary["mean"][m], "std": summary["std"][m]} for m in METRIC_NAMES}
     lines.append("| " + " | ".join(["**mean**", *cells(mean), str(summary["one_empty_cases"])]) + " |")
     note = f"{summary['num_cases']} cases; ASD = prediction to reference, ASSD = symmetric"
+    if "pooled" in summary:
+        per = ", ".join(f"{n} {e['pooled']['dice']:.4f}" for n, e in summary["per_class"].items())
+        note += (f"\n\npooled over cases (voxel counts summed, no empty rule): mean Dice "
+                 f"{summary['pooled']['dice']:.4f}, mean Jaccard {summary['pooled']['jaccard']:.4f}; Dice per class: {per}")
     if protocol is not None:
         note += f"; distances in {protocol.get('units', '?')}; empty rule {protocol.get('empty_rule', '?')}"
     return "\n".join(lines) + "\n\n" + note
@@ -365,7 +400,7 @@ def write_metrics(
     """Write ``per_case.csv`` and ``summary.json`` and return the printable Markdown table.
 
     ``per_case.csv`` has one row per case and foreground class: ``case_id, class_id, class_name``,
-    the metrics, the ``pred_empty``/``ref_empty`` flags, then any other scalar field of the record
+    the metrics, the ``pred_empty``/``ref_empty`` flags, the voxel counts, then any other scalar field of the record
     (e.g. ``seconds``). ``summary.json`` is ``{"protocol": protocol, **summary}``, so every number
     travels with its dataset, split, units, empty rule and checkpoint.
 
@@ -384,7 +419,7 @@ def write_metrics(
     extra = sorted(
         {k for rec in per_case for k, v in rec.items() if k not in ("case_id", "metrics") and np.isscalar(v)}
     )
-    columns = ["case_id", "class_id", "class_name", *METRIC_NAMES, *_FLAG_NAMES, *extra]
+    columns = ["case_id", "class_id", "class_name", *METRIC_NAMES, *_FLAG_NAMES, *COUNT_NAMES, *extra]
     with open(out / "per_case.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -392,7 +427,7 @@ def write_metrics(
             for c in sorted(int(k) for k in rec["metrics"]):
                 vals = _lookup(rec["metrics"], c) or {}
                 row: dict[str, Any] = {"case_id": rec["case_id"], "class_id": c, "class_name": names.get(c, str(c))}
-                row.update({m: vals.get(m) for m in (*METRIC_NAMES, *_FLAG_NAMES)})
+                row.update({m: vals.get(m) for m in (*METRIC_NAMES, *_FLAG_NAMES, *COUNT_NAMES)})
                 row.update({k: rec.get(k) for k in extra})
                 writer.writerow(row)
     with open(out / "summary.json", "w") as f:

@@ -10,6 +10,7 @@ run replays the exact same noise, masks and block positions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Annotated, Literal
@@ -212,9 +213,11 @@ def copy_weights(target: nn.Module, source: nn.Module) -> None:
         t.copy_(s)
 
 
-def batch_passes(run, n_first: int, *inputs: Tensor, separate: bool) -> tuple[Tensor, ...]:
+def batch_passes(run, n_first: int, *inputs: Tensor, separate: bool,
+                 rest_context: contextlib.AbstractContextManager | None = None) -> tuple[Tensor, ...]:
     """``run(*inputs)`` over a batch of labeled + unlabeled items: one pass, or (``separate``) one over
-    the first ``n_first`` items and one over the rest, the outputs concatenated.
+    the first ``n_first`` items and one over the rest (inside ``rest_context`` when given), the
+    outputs concatenated.
 
     Why: BatchNorm normalises by the statistics of the batch it sees. With one pass, the labeled
     images are normalised together with unlabeled ones (often a strong view, or another acquisition
@@ -223,7 +226,9 @@ def batch_passes(run, n_first: int, *inputs: Tensor, separate: bool) -> tuple[Te
     """
     if not separate or n_first in (0, len(inputs[0])):
         return run(*inputs)
-    first, rest = run(*(x[:n_first] for x in inputs)), run(*(x[n_first:] for x in inputs))
+    first = run(*(x[:n_first] for x in inputs))
+    with rest_context or contextlib.nullcontext():
+        rest = run(*(x[n_first:] for x in inputs))
     return tuple(torch.cat(pair) for pair in zip(first, rest))
 
 

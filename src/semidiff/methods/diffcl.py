@@ -28,6 +28,7 @@ full (the default). Test output: ``cs`` (default), ``ds`` (DDIM with ``test_step
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -63,7 +64,7 @@ from semidiff.methods.contrast import (
     sample_per_class,
 )
 from semidiff.methods.losses import ce_loss, seg_loss, without_ignored
-from semidiff.nets.blocks import in_mode
+from semidiff.nets.blocks import batchnorm_not_recording, in_mode
 from semidiff.nets.denoiser import TimeConditionedDenoiser, create_denoiser
 from semidiff.nets.hfm import HFMGate, add_hfm
 
@@ -145,6 +146,12 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
             ``joint`` (one pass, one set of BatchNorm statistics) or ``separate`` (one pass per
             stream, so the labeled images are not normalised with the strong view's statistics;
             ProtoDiff's ``student_forward``, docs/methods/diffcl.md).
+        cs_bn_stats: Which of CS's training passes its BatchNorm running statistics (the ones
+            used at test time) are recorded from: ``all`` (labeled, weak and strong passes) or
+            ``labeled`` (the labeled pass only; the other passes are still normalised by their own
+            batch statistics, so training is unchanged). On EndoScapes the statistics of the
+            jittered, blurred, CutMixed colour views made CS label the gallbladder as tool at test
+            time (docs/methods/diffcl.md). Needs ``cs_forward: separate``.
         jitter_contrast, jitter_brightness, blur_prob, blur_sigma, cutmix_prob, cutmix_ratio: The
             strong view of ``cs_view: strong`` (:class:`~semidiff.methods.common.StrongViewOptions`).
         mu1: Weight of ``L_d_pseudo`` (times the ramp).
@@ -199,6 +206,7 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
     cs_view: Literal["same", "strong"] = "same"
     cs_weak_mode: Literal["train", "eval"] = "train"
     cs_forward: Literal["joint", "separate"] = "joint"
+    cs_bn_stats: Literal["all", "labeled"] = "all"
 
     mu1: float = Field(default=1.0, ge=0.0)
     mu2: float = Field(default=1.0, ge=0.0)
@@ -213,6 +221,8 @@ class DiffCLOptions(RampOptions, StrongViewOptions):
                 raise ValueError(f"{name} ({getattr(self, name)}) cannot exceed timesteps ({self.timesteps})")
         if self.peer != "ds" and self.test_output == "ds":
             raise ValueError(f"test_output 'ds' needs peer 'ds' (peer is {self.peer!r})")
+        if self.cs_bn_stats == "labeled" and self.cs_forward != "separate":
+            raise ValueError("cs_bn_stats 'labeled' needs cs_forward 'separate' (one pass mixes the streams' statistics)")
         if self.peer == "none" and self.test_output == "mean":
             raise ValueError("test_output 'mean' needs a peer network (peer 'ds' or 'cs')")
         return self
@@ -356,7 +366,7 @@ class DiffCL(Method):
             # CS's weak-view guess: its label for the peer and the agreement. Train mode (default)
             # as the one-view path: dropout on, BatchNorm uses and records this batch; eval mode
             # labels as at test time.
-            with torch.no_grad(), in_mode(self.cs, training=o.cs_weak_mode == "train"):
+            with torch.no_grad(), in_mode(self.cs, training=o.cs_weak_mode == "train"), self._unrecorded_bn():
                 logits_cs_weak = self.cs(x_u)
             x_s, mix_mask = o.strong_view(x_u)
             logits_cs, features = self._cs_passes(torch.cat([x_l, x_s]), n_l)
@@ -422,8 +432,13 @@ class DiffCL(Method):
     def _cs_passes(self, x: Tensor, n_l: int) -> tuple[Tensor, Tensor]:
         """CS's logits and features over labeled + unlabeled images, in one pass or two (``cs_forward``)."""
         logits, features = batch_passes(lambda images: self.cs(images, return_features=True), n_l, x,
-                                        separate=self.options.cs_forward == "separate")
+                                        separate=self.options.cs_forward == "separate",
+                                        rest_context=self._unrecorded_bn())
         return logits, features
+
+    def _unrecorded_bn(self) -> contextlib.AbstractContextManager:
+        """Where CS's unlabeled passes leave its BatchNorm running statistics alone (``cs_bn_stats``)."""
+        return batchnorm_not_recording(self.cs) if self.options.cs_bn_stats == "labeled" else contextlib.nullcontext()
 
     def on_step_end(self, progress: Progress) -> None:
         """Write the last step's memory candidates to the bank, gathered from every DDP process.

@@ -275,3 +275,17 @@ def in_mode(net: nn.Module, training: bool) -> Iterator[nn.Module]:
         yield net
     finally:
         net.train(was_training)
+
+
+@contextlib.contextmanager
+def batchnorm_not_recording(net: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, ``net``'s BatchNorm layers still normalise by each batch's own statistics
+    (in train mode) but leave their running statistics, the ones used at test time, untouched."""
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # train mode then passes no running buffers to batch_norm
+    try:
+        yield net
+    finally:
+        for m in layers:
+            m.track_running_stats = True

@@ -22,6 +22,9 @@ from semidiff.bench.spec import (
 from semidiff.errors import ConfigError
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
+#: Dice and Jaccard of the voxel counts summed over cases (evaluation/metrics.py); NaN for a run
+#: evaluated before the counts were recorded.
+POOLED_METRICS = ("pooled_dice", "pooled_jaccard")
 CHECKPOINTS = ("last", "best")
 
 
@@ -201,6 +204,11 @@ def aggregate(results: list[CellResult]) -> list[dict]:
                 for cname in have[0].class_names:
                     row[f"{metric}/{cname}"] = mean_std(
                         [r.summaries[which]["per_class"][cname][metric]["mean"] for r in have])
+            for metric in POOLED_METRICS:
+                row[metric] = mean_std([pooled_value(r.summaries[which], metric) for r in have])
+                for cname in have[0].class_names:
+                    row[f"{metric}/{cname}"] = mean_std(
+                        [pooled_value(r.summaries[which], metric, cname) for r in have])
             row["s_per_step"] = mean_std([r.timing["wall_seconds"] / r.timing["steps"] for r in have
                                           if r.timing.get("steps")])
             row["peak_mib"] = mean_std([r.timing.get("peak_memory_mib") for r in have])
@@ -210,6 +218,13 @@ def aggregate(results: list[CellResult]) -> list[dict]:
             row["labeled_text"] = have[0].labeled_text
             rows.append(row)
     return rows
+
+
+def pooled_value(summary: dict, metric: str, class_name: str | None = None) -> float:
+    """``pooled_dice``/``pooled_jaccard`` of a summary, over the classes or of one; NaN when absent."""
+    name = metric.removeprefix("pooled_")
+    entry = summary.get("pooled") if class_name is None else summary["per_class"][class_name].get("pooled")
+    return float(entry[name]) if entry else float("nan")
 
 
 def uses_unlabeled(results: list[CellResult]) -> dict[str, bool]:

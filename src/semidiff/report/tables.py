@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from semidiff.bench.spec import grid_cells, load_bench
-from semidiff.report.collect import METRICS, CellResult, run_count
+from semidiff.report.collect import METRICS, POOLED_METRICS, CellResult, run_count
 
 
 def labeled_cell(labeled: float, labeled_text: str) -> str:
@@ -82,8 +82,11 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
     """``table.md`` (readable) and ``table.csv`` (every number, long form)."""
     lines = ["# Bench results", "", "## Protocol", "", *header, "", "## Accuracy", ""]
     noise_axis = len({r["noise"] for r in rows}) > 1
+    # Pooled columns once any run has the voxel counts (runs evaluated before them show n/a).
+    pooled = any(np.isfinite(r["pooled_dice"][0]) for r in rows)
     cols = ["method", "labeled"] + (["noise"] if noise_axis else []) + [
-        "ckpt", "seeds", "Dice", "per-class Dice", "Jaccard", "HD95", "ASD"]
+        "ckpt", "seeds", "Dice", "per-class Dice", "Jaccard", "HD95", "ASD"] + (
+        ["pooled Dice", "pooled per-class Dice", "pooled IoU"] if pooled else [])
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         n = len(r["seeds"])
@@ -92,7 +95,15 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
         cells = [r["method"], labeled] + ([r["noise"]] if noise_axis else []) + [
             r["checkpoint"], str(n), format_mean_std(r["dice"], 4, n), per_class, format_mean_std(r["jaccard"], 4, n),
             format_mean_std(r["hd95"], 2, n), format_mean_std(r["asd"], 2, n)]
+        if pooled:
+            cells += [format_mean_std(r["pooled_dice"], 4, n),
+                      ", ".join(f"{c} {format_mean_std(r[f'pooled_dice/{c}'], 3, n)}" for c in r["class_names"]),
+                      format_mean_std(r["pooled_jaccard"], 4, n)]
         lines.append("| " + " | ".join(cells) + " |")
+    if pooled:
+        lines += ["", ("Dice, Jaccard, HD95 and ASD: per case, then averaged (empty-mask rule above). Pooled: the "
+                       "voxel counts of all cases summed per class first, no empty rule (a class never predicted "
+                       "pools to 0), as semantic-segmentation benchmarks report mIoU.")]
     lines += ["", "## Cost", "", "| method | labeled | s/step | peak memory (MiB) | inference s/case |",
               "|---|---|---|---|---|"]
     for r in rows:
@@ -108,9 +119,11 @@ def write_tables(rows: list[dict], header: list[str], out: Path, figures: list[s
         w = csv.writer(f)
         w.writerow(["method", "labeled", "noise", "checkpoint", "n_seeds", "metric", "class", "mean", "std"])
         for r in rows:
-            for metric in METRICS:
+            for metric in METRICS + POOLED_METRICS:
                 for cname in [None, *r["class_names"]]:
                     m, s = r[metric] if cname is None else r[f"{metric}/{cname}"]
+                    if not np.isfinite(m):  # a pooled metric of runs evaluated before the counts
+                        continue
                     w.writerow([r["method"], f"{r['labeled']:g}", r["noise"], r["checkpoint"], len(r["seeds"]),
                                 metric, cname or "mean", f"{m:.6g}", f"{s:.6g}"])
 
