@@ -5,7 +5,8 @@ scores Dice 1. On EndoScapes the cystic plate, hepatocystic triangle and cystic 
 from 55-67% of the validation frames, so a network that never predicts them scores 0.55-0.67 on
 them. This prints, for each run's ``eval_val_<checkpoint>/per_case.csv``: per class, the frames
 where the network predicts nothing, the frames without the class, the strict mean and the mean
-Dice over the frames that contain the class; then both means over the classes.
+Dice over the frames that contain the class; then both means over the classes, beside the pooled
+Dice of ``summary.json`` (pixel counts summed over the frames; n/a for an evaluation without them).
 
     python benchmarks/empty_frames.py benches/endoscapes_seg50 [--checkpoint last]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -57,10 +59,11 @@ def main() -> None:
         for name, n, pred_empty, ref_empty, s, p in lines:
             print(f"  {name:24s} predicted in {n - pred_empty:2d}/{n} frames, present in {n - ref_empty:2d};"
                   f" strict {s:.3f}, on the frames with it {p:.3f}")
-        table.append((run.name, strict, present))
-    print("\n| run | strict mean Dice | mean Dice on the frames with the class |\n|---|---|---|")
-    for name, strict, present in table:
-        print(f"| {name} | {strict:.3f} | {present:.3f} |")
+        pooled = json.loads((run / f"eval_val_{args.checkpoint}" / "summary.json").read_text()).get("pooled")
+        table.append((run.name, strict, present, f"{pooled['dice']:.3f}" if pooled else "n/a"))
+    print("\n| run | strict mean Dice | mean Dice on the frames with the class | pooled Dice |\n|---|---|---|---|")
+    for name, strict, present, pooled in table:
+        print(f"| {name} | {strict:.3f} | {present:.3f} | {pooled} |")
 
 
 if __name__ == "__main__":
