@@ -32,7 +32,7 @@ def per_case_dice(folder: Path) -> dict[tuple[str, str], float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bench", type=Path, help="bench folder (its runs/ hold the checkpoints)")
+    ap.add_argument("bench", type=Path, help="bench folder (its runs/ hold the checkpoints), or a folder of runs")
     ap.add_argument("records", type=Path, help="the bench's records folder")
     ap.add_argument("--cells", nargs="*", help="only these cells (default: every record with a run here)")
     ap.add_argument("--threads", type=int, default=1)
@@ -42,9 +42,10 @@ def main() -> int:
                          "a few boundary pixels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.cells or sorted(p.name for p in args.records.iterdir() if (args.bench / "runs" / p.name).is_dir())
+    runs = args.bench / "runs" if (args.bench / "runs").is_dir() else args.bench  # a bench, or a folder of runs
+    names = args.cells or sorted(p.name for p in args.records.iterdir() if (runs / p.name).is_dir())
     for name in names:
-        run, record = args.bench / "runs" / name, args.records / name
+        run, record = runs / name, args.records / name
         if not (run / "checkpoints" / "final.ckpt").is_file():
             print(f"{name}: no final.ckpt in {run}, skipped")
             continue

@@ -8,8 +8,8 @@ for any number of steps, state shapes in 2D and 3D) are tested on ``LabelDiffusi
 
 from __future__ import annotations
 
-import json
 import copy
+import json
 import math
 from pathlib import Path
 

@@ -58,6 +58,13 @@ def test_short_training_lowers_loss_and_writes_everything(tmp_path, synth2d):
     assert list((run / "tensorboard").glob("events.*"))
     summary = json.loads((run / "eval_val_last" / "summary.json").read_text())
     assert summary["protocol"]["split"] == "val" and summary["protocol"]["units"] == "voxels"
+    # Validation logs the pooled Dice beside the per-case mean; at the end it is the evaluation's.
+    import csv
+
+    logged = [r for f in sorted((run / "csv").glob("version_*/metrics.csv"))
+              for r in csv.DictReader(f.read_text().splitlines()) if r.get("val/pooled_dice_mean")]
+    assert logged and 0.0 <= float(logged[-1]["val/pooled_dice_mean"]) <= 1.0
+    assert float(logged[-1]["val/pooled_dice_mean"]) == pytest.approx(summary["pooled"]["dice"], abs=1e-4)
     assert (run / "eval_val_last" / "per_case.csv").is_file()
     assert (run / "eval_val_last" / "overlays.png").stat().st_size > 1000
     assert 0.0 <= results["last"]["summary"]["mean"]["dice"] <= 1.0

@@ -265,6 +265,8 @@ class SemidiffModule(L.LightningModule):
         values = {"val/dice_mean": summary["mean"]["dice"], "val/hd95_mean": summary["mean"]["hd95"]}
         for cls, stats in summary["per_class"].items():
             values[f"val/dice_{cls}"] = stats["dice"]["mean"]
+            values[f"val/pooled_dice_{cls}"] = stats["pooled"]["dice"]
+        values["val/pooled_dice_mean"] = summary["pooled"]["dice"]  # no empty rule: silence scores 0
         self.log_dict({k: float(v) for k, v in values.items()}, prog_bar=False, sync_dist=False)
         self.method.on_validation(Progress(self.global_step, self.cfg.train.max_steps), float(summary["mean"]["dice"]))
         self.log("val_dice", float(summary["mean"]["dice"]), prog_bar=True, logger=False)
