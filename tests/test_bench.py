@@ -30,7 +30,12 @@ from semidiff.report.collect import (
     uses_unlabeled,
     variant_labels,
 )
-from semidiff.report.figures import curve_runs, labels_only_row, noise_panels
+from semidiff.report.figures import (
+    curve_runs,
+    labels_only_row,
+    noise_panels,
+    per_class_metric,
+)
 
 
 def _train_config(root: Path, method: str) -> dict:
@@ -296,6 +301,9 @@ def test_the_pooled_columns_appear_once_a_run_has_them_and_runs_without_show_na(
     assert "| sup | 3 | last | 1 | 0.5000 |" in text and "| n/a | fg n/a | n/a |" in text
     rows = list(csv.DictReader((tmp_path / "table.csv").read_text().splitlines()))
     assert {(r["method"], r["class"]) for r in rows if r["metric"] == "pooled_dice"} == {("mt", "mean"), ("mt", "fg")}
+    table_rows = aggregate(collect(tmp_path))
+    assert per_class_metric(table_rows) == "dice"  # sup has no counts: the bars stay per-case means
+    assert per_class_metric([r for r in table_rows if r["method"] == "mt"]) == "pooled_dice"
 
 
 def test_a_fraction_of_the_labels_is_written_as_a_share_not_as_a_count(tmp_path):

@@ -216,11 +216,18 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
     fig.savefig(out_file)
 
 
+def per_class_metric(rows: list[dict]) -> str:
+    """``pooled_dice`` when every row has it, else ``dice`` (rows from runs evaluated before the counts)."""
+    return "pooled_dice" if all(np.isfinite(r.get("pooled_dice", (np.nan,))[0]) for r in rows) else "dice"
+
+
 def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
-    """Per-class Dice bars, one panel per labeled count, one bar group per class."""
+    """Per-class Dice bars, one panel per labeled count, one bar group per class: the pooled Dice
+    when every run has it (no empty rule to reward silence), else the per-case mean."""
     from matplotlib.patches import Patch
 
     rows = [r for r in rows if r["checkpoint"] == "last" and r["noise"] == rows[0]["noise"]]
+    metric = per_class_metric(rows)
     counts = sorted({r["labeled"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colours = colours or row_colours(methods)
@@ -234,13 +241,13 @@ def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | N
         for j, method in enumerate(present):  # a method missing at this count leaves no gap
             r = next(r for r in rows if r["method"] == method and r["labeled"] == n)
             spread = len(r["seeds"]) > 1
-            ax.bar(np.arange(len(classes)) + j * width, [r[f"dice/{c}"][0] for c in classes], width,
-                   yerr=[r[f"dice/{c}"][1] for c in classes] if spread else None, capsize=2,
+            ax.bar(np.arange(len(classes)) + j * width, [r[f"{metric}/{c}"][0] for c in classes], width,
+                   yerr=[r[f"{metric}/{c}"][1] for c in classes] if spread else None, capsize=2,
                    color=colours[method], hatch=hatches[method], label=method)
         ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes)
         ax.set_ylim(0, 1)
         ax.set_title(next(r["labeled_text"] for r in rows if r["labeled"] == n), fontsize=9)
-        ax.set_ylabel("Dice (validation, last checkpoint)")
+        ax.set_ylabel(f"{'pooled ' if metric == 'pooled_dice' else ''}Dice (validation, last checkpoint)")
         ax.grid(axis="y", alpha=0.3)
     handles = [Patch(facecolor=c, hatch=hatches[m], label=m) for m, c in colours.items() if m in methods]
     fig.legend(handles=handles, loc="outside right upper", fontsize=7, title=_seeds_text(rows), title_fontsize=7)
