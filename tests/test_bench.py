@@ -589,6 +589,13 @@ def test_cells_are_picked_by_name_in_the_order_asked_and_a_typo_is_an_error(tmp_
     assert lines[-3:] == ["b_l3_s0: to run", "b_l3_s1: finished",
                           "2 cell(s) selected of 4; 1 cell(s) left, about 2.0 h for 1 of them"]
     assert sorted(p.name for p in (tmp_path / "out" / "n" / "runs").iterdir()) == ["b_l3_s1"]
+    # A run of a selection counts the finished cells of the grid, not the cells left out of it.
+    lines.clear()
+    _fake_run(tmp_path / "made", "supervised", 3, 1, 0.5, 4.0)  # what the report reads of a finished run
+    for f in ("config.yaml", "eval_val_last/summary.json"):
+        (finished / f).write_text((tmp_path / "made" / f).read_text())
+    run_bench(tmp_path / "b.yaml", log=lines.append, cells_wanted=["b_l3_s1"])
+    assert any(line.startswith("bench n: 4 cells (1 selected), 1 already finished, 0 to run") for line in lines)
 
 
 def test_the_committed_records_are_what_their_cells_would_train_now():

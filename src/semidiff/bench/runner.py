@@ -143,7 +143,9 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
         return 0
     # For the estimate of what is left, logged at the start and after every cell.
     pending, seconds = list(todo), finished_seconds(cells, bench_dir / "runs")
-    log(f"bench {spec.name}: {len(cells)} cells, {len(cells) - len(todo)} already finished, "
+    finished = sum(cell_done(bench_dir / "runs" / c.name) for c in cells)
+    chosen = f" ({len(selected)} selected)" if len(selected) < len(cells) else ""
+    log(f"bench {spec.name}: {len(cells)} cells{chosen}, {finished} already finished, "
         f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}; {time_left(pending, seconds)}")
     lock, failures = threading.Lock(), []
     started = time.time()
