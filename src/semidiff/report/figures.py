@@ -218,7 +218,7 @@ def plot_dice_vs_noise(rows: list[dict], out_file: Path, colours: dict[str, str]
 
 def per_class_metric(rows: list[dict]) -> str:
     """``pooled_dice`` when every row has it, else ``dice`` (rows from runs evaluated before the counts)."""
-    return "pooled_dice" if all(np.isfinite(r.get("pooled_dice", (np.nan,))[0]) for r in rows) else "dice"
+    return "pooled_dice" if all(np.isfinite(r["pooled_dice"][0]) for r in rows) else "dice"
 
 
 def plot_per_class(rows: list[dict], out_file: Path, colours: dict[str, str] | None = None) -> None:
