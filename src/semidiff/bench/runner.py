@@ -134,18 +134,18 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
     """
     spec, bench_dir, cells, records = prepare_bench(config, overrides, log)
     selected = select_cells(cells, cells_wanted)
-    todo = [c for c in selected if not cell_done(bench_dir / "runs" / c.name)]
+    done = {c.name for c in cells if cell_done(bench_dir / "runs" / c.name)}
+    todo = [c for c in selected if c.name not in done]
     if list_only:
         for c in selected:
-            log(f"{c.name}: {'to run' if c in todo else 'finished'}")
+            log(f"{c.name}: {'finished' if c.name in done else 'to run'}")
         log(f"{len(selected)} cell(s) selected of {len(cells)}; "
             f"{time_left(todo, finished_seconds(cells, bench_dir / 'runs'))}")
         return 0
     # For the estimate of what is left, logged at the start and after every cell.
     pending, seconds = list(todo), finished_seconds(cells, bench_dir / "runs")
-    finished = sum(cell_done(bench_dir / "runs" / c.name) for c in cells)
     chosen = f" ({len(selected)} selected)" if len(selected) < len(cells) else ""
-    log(f"bench {spec.name}: {len(cells)} cells{chosen}, {finished} already finished, "
+    log(f"bench {spec.name}: {len(cells)} cells{chosen}, {len(done)} already finished, "
         f"{len(todo)} to run with {spec.workers} worker(s); folder {bench_dir}; {time_left(pending, seconds)}")
     lock, failures = threading.Lock(), []
     started = time.time()
