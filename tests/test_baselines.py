@@ -263,6 +263,58 @@ def test_bcp_self_training_pastes_blocks_both_ways(monkeypatch):
     assert torch.equal(label_2[inside], pseudo[1, 0][inside]) and (label_2[~inside] == 1).all()
 
 
+def test_bcp_all_pairing_trains_on_every_labeled_pixel_in_both_directions(monkeypatch):
+    torch.manual_seed(0)
+    method = create_method("bcp", _spec(2, num_classes=4),
+                           {"pretrain_steps": 0, "largest_component": False, "pairing": "all"})
+    method.teacher = _FixedTeacher()
+    method.teacher_synced.fill_(True)
+    teacher_inputs = []
+    method.teacher.register_forward_pre_hook(lambda mod, args: teacher_inputs.append(args[0].shape[0]))
+    seen = _spy_bcp(monkeypatch, method)
+    x_l = torch.stack([torch.full((1, 32, 32), 10.0 + i) for i in range(3)])
+    y_l = torch.arange(3).view(3, 1, 1, 1).expand(3, 1, 32, 32).clone()
+    x_u = torch.randn(2, 1, 32, 32)
+    pseudo = torch.where(x_u > 0, 2, 3)
+    torch.manual_seed(3)
+    inside = block_mask((32, 32))[0, 0].bool()
+    torch.manual_seed(3)
+    method.training_step({"image": x_l, "label": y_l}, {"image": x_u}, Progress(5, 10))
+
+    (student_in,) = seen["inputs"]
+    assert student_in.shape[0] == 6 and teacher_inputs == [2]  # each unlabeled image labeled once
+    (in_1, out_1, _), (in_2, out_2, _) = seen["regions"]
+    for i in range(3):
+        # Direction 1: labeled i pasted into unlabeled i mod 2, ground truth inside the block.
+        assert (student_in[i, 0][inside] == 10.0 + i).all()
+        assert torch.equal(student_in[i, 0][~inside], x_u[i % 2, 0][~inside])
+        assert (in_1[i, 0] == i).all() and torch.equal(out_1[i], pseudo[i % 2])
+        # Direction 2: a block of unlabeled (i + 1) mod 2 pasted into labeled i, ground truth around it.
+        assert torch.equal(student_in[3 + i, 0][inside], x_u[(i + 1) % 2, 0][inside])
+        assert (student_in[3 + i, 0][~inside] == 10.0 + i).all()
+        assert torch.equal(in_2[i], pseudo[(i + 1) % 2]) and (out_2[i, 0] == i).all()
+
+
+def test_bcp_all_pairing_pretrains_on_every_labeled_image(monkeypatch):
+    torch.manual_seed(0)
+    method = create_method("bcp", _spec(2, num_classes=4), {"pretrain_steps": 100, "pairing": "all"})
+    seen = _spy_bcp(monkeypatch, method)
+    x_l = torch.stack([torch.full((1, 32, 32), float(i)) for i in range(3)])
+    y_l = torch.arange(3).view(3, 1, 1, 1).expand(3, 1, 32, 32).clone()
+    unlabeled = {"image": torch.randn(2, 1, 32, 32)}
+    torch.manual_seed(4)
+    inside = block_mask((32, 32))[0, 0].bool()
+    torch.manual_seed(4)
+    method.training_step({"image": x_l, "label": y_l}, unlabeled, Progress(0, 1000))
+    (student_in,) = seen["inputs"]
+    assert student_in.shape[0] == 3
+    ((label_in, label_out, mask),) = seen["regions"]
+    for i in range(3):  # image i inside the block, image i + 1 (cyclic) around it
+        assert (student_in[i, 0][inside] == i).all() and (student_in[i, 0][~inside] == (i + 1) % 3).all()
+        mixed = mix(label_in, label_out, mask)[i, 0]
+        assert (mixed[inside] == i).all() and (mixed[~inside] == (i + 1) % 3).all()
+
+
 def test_bcp_pretraining_mixes_two_labeled_images(monkeypatch):
     torch.manual_seed(0)
     method = create_method("bcp", _spec(2, num_classes=4), {"pretrain_steps": 100})

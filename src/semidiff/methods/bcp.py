@@ -16,10 +16,18 @@ region ``W``): ``loss_sup`` collects the ground-truth regions (weight 1) and ``l
 pseudo-labeled ones, so ``loss = loss_sup + u_weight * loss_unsup`` (``u_weight`` 0.5), which is
 BCP's ``mix_loss``. The teacher follows the student by EMA (0.99) during stage 1.
 
-Pairing: item ``i`` of the first ``n = ceil(B/2)`` items is mixed with item ``i`` of the last
-``n`` (for an even batch: the first half with the second half, as BCP splits its batches; a batch
-of one is paired with itself). In stage 1, ``n = min(ceil(B_l/2), ceil(B_u/2))``. One mask is drawn
-per step and shared by the batch, as in BCP.
+Pairing (``pairing``), one mask drawn per step and shared by the batch, as in BCP:
+
+- ``halves`` (BCP): item ``i`` of the first ``n = ceil(B/2)`` items is mixed with item ``i`` of the
+  last ``n`` (for an even batch: the first half with the second half, as BCP splits its batches; a
+  batch of one is paired with itself). In stage 1, ``n = min(ceil(B_l/2), ceil(B_u/2))``. The
+  student sees ``n`` images' worth of labeled pixels per step, half of what a supervised step of
+  the same batch sees.
+- ``all``: every labeled image enters both directions (stage 1: pasted into unlabeled image
+  ``i mod B_u`` and receiving a block of unlabeled image ``(i + 1) mod B_u``; stage 0: mixed with
+  the next labeled image), so the student sees ``B_l`` images' worth of labeled pixels per step,
+  as supervised does, at twice the student batch. It is not in BCP; it separates what BCP's
+  copy-paste does from how many labeled pixels it trains on.
 """
 
 from __future__ import annotations
@@ -87,6 +95,8 @@ class BCPOptions(TeacherOptions):
         u_weight: Weight of the pseudo-labeled regions (0.5 in BCP).
         largest_component: Keep only the largest connected component per class of the teacher's
             pseudo-labels (BCP's ``nms=1``).
+        pairing: ``halves`` (BCP: half the labeled pixels of a supervised step) or ``all`` (every
+            labeled image in both directions: equal labeled pixels per step); see the module.
         self_train_from: The student self-training starts from: ``last`` (the end of pre-training)
             or ``best`` (the pre-training validation with the best mean Dice, as BCP's code, which
             loads its best pre-trained model; on the validation split here, never the test split).
@@ -99,6 +109,7 @@ class BCPOptions(TeacherOptions):
     block_position: Literal["random", "center"] = "random"
     u_weight: float = Field(default=0.5, ge=0.0)
     largest_component: bool = True
+    pairing: Literal["halves", "all"] = "halves"
     self_train_from: Literal["last", "best"] = "last"
 
     def pretrain_length(self, max_steps: int) -> int:
@@ -140,7 +151,10 @@ class BCP(TeacherStudentMethod):
                 "stage": torch.tensor(stage, device=loss.device)}
 
     def _pretrain_loss(self, x_l: Tensor, y_l: Tensor, mask: Tensor) -> Tensor:
-        (x_a, x_b), (y_a, y_b) = pair_halves(x_l), pair_halves(y_l)
+        if self.options.pairing == "all":  # each labeled image once inside a block, once around one
+            (x_a, x_b), (y_a, y_b) = (x_l, x_l.roll(-1, 0)), (y_l, y_l.roll(-1, 0))
+        else:
+            (x_a, x_b), (y_a, y_b) = pair_halves(x_l), pair_halves(y_l)
         loss_in, loss_out = region_losses(self.student(mix(x_a, x_b, mask)), y_a, y_b, mask)
         return loss_in + loss_out
 
@@ -150,21 +164,35 @@ class BCP(TeacherStudentMethod):
                 copy_weights(self.student, self.best_pretrained)  # the optimiser state stays as it is
             copy_weights(self.teacher, self.student)
             self.teacher_synced.fill_(True)
-        n = min((len(x_l) + 1) // 2, (len(x_u) + 1) // 2)
-        (xl_a, xl_b), (yl_a, yl_b) = pair_halves(x_l, n), pair_halves(y_l, n)
-        xu_a, xu_b = pair_halves(x_u, n)
-        with torch.no_grad(), record_function(profiling.TEACHER):
-            plab, _ = pseudo_label(softmax_probs(self.teacher, torch.cat([xu_a, xu_b])))
-            if self.options.largest_component:
-                plab = largest_component(plab, self.net_spec.num_classes)
-            plab = self.corrupt_pseudo(plab)  # noise benchmark, on the labels the student sees
-        pl_a, pl_b = plab[:n], plab[n:]
+        if self.options.pairing == "all":
+            (xl_a, yl_a), (xl_b, yl_b) = (x_l, y_l), (x_l, y_l)
+            index = torch.arange(len(x_l), device=x_l.device)
+            a, b = index % len(x_u), (index + 1) % len(x_u)
+            xu_a, xu_b = x_u[a], x_u[b]
+            plab = self._pseudo_labels(x_u)  # each unlabeled image once, though it is used twice
+            pl_a, pl_b = plab[a], plab[b]
+        else:
+            n = min((len(x_l) + 1) // 2, (len(x_u) + 1) // 2)
+            (xl_a, xl_b), (yl_a, yl_b) = pair_halves(x_l, n), pair_halves(y_l, n)
+            xu_a, xu_b = pair_halves(x_u, n)
+            plab = self._pseudo_labels(torch.cat([xu_a, xu_b]))
+            pl_a, pl_b = plab[:n], plab[n:]
+        n = len(xl_a)
         logits = self.student(torch.cat([mix(xl_a, xu_a, mask), mix(xu_b, xl_b, mask)]))
         # Labeled block in unlabeled background: ground truth inside, pseudo-labels outside.
         gt_in, pseudo_out = region_losses(logits[:n], yl_a, pl_a, mask)
         # Unlabeled block in labeled background: pseudo-labels inside, ground truth outside.
         pseudo_in, gt_out = region_losses(logits[n:], pl_b, yl_b, mask)
         return gt_in + gt_out, pseudo_out + pseudo_in
+
+    @torch.no_grad()
+    def _pseudo_labels(self, x_u: Tensor) -> Tensor:
+        """The teacher's hard labels of ``x_u`` (largest component per class, if set)."""
+        with record_function(profiling.TEACHER):
+            plab, _ = pseudo_label(softmax_probs(self.teacher, x_u))
+            if self.options.largest_component:
+                plab = largest_component(plab, self.net_spec.num_classes)
+            return self.corrupt_pseudo(plab)  # noise benchmark, on the labels the student sees
 
     @torch.no_grad()
     def on_validation(self, progress: Progress, mean_dice: float) -> None:
