@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,6 +200,38 @@ def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_p
     assert sorted(f.name for f in (tmp_path / "machine_c" / "rec" / "logs").iterdir()) == [
         "sup_l2_s0.log", "sup_l2_s1.log"]
     assert yaml.safe_load((records / "sup_l2_s0" / "config.yaml").read_text())["train"]["lr"] == 0.002
+
+
+def test_records_restored_by_two_bench_processes_at_once_do_not_collide(tmp_path, monkeypatch):
+    # Two `semidiff bench --cells ...` started together on a fresh checkout both restore every
+    # record; the second to finish its copy must keep the first one's run folder, not fail on it.
+    from semidiff.bench import records as records_module
+    from semidiff.config import load_config
+
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": {"reader": "synthetic", "root": "here"},
+                                                     "method": {"name": "mean_teacher"}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"bench": {"name": "x", "labeled": [3],
+                                                               "methods": [{"name": "mt", "config": "t.yaml"}]}}))
+    spec, base = load_bench(tmp_path / "b.yaml")
+    runs = tmp_path / "out" / "runs"
+    cell = grid_cells(spec, base, runs)[0]
+    record = tmp_path / "records" / cell.name
+    (record / "eval_val_last").mkdir(parents=True)
+    (record / "config.yaml").write_text(load_config(cell.config, cell.train_overrides).to_yaml())
+    (record / "timing.json").write_text("{}")
+    (record / "eval_val_last" / "summary.json").write_text("{}")
+
+    real_rmtree = shutil.rmtree
+
+    def other_process_restores_meanwhile(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        if Path(path) == runs / cell.name:  # this process cleared the way; the other one's copy lands
+            shutil.copytree(record, path)
+
+    monkeypatch.setattr(shutil, "rmtree", other_process_restores_meanwhile)
+    assert records_module.sync_records([cell], runs, tmp_path / "records", log=lambda _m: None) == 1
+    assert cell_done(runs / cell.name)
+    assert [p.name for p in runs.iterdir()] == [cell.name]  # no half copy left beside it
 
 
 def test_record_mismatch_ignores_machine_paths_and_keys_added_at_their_default(tmp_path):

@@ -4,6 +4,7 @@ whose records are committed can be continued, and its report rebuilt, from a fre
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -99,7 +100,18 @@ def sync_records(cells: list[Cell], runs: Path, records: Path, log: Callable[[st
                 f"{', ...' if len(differ) > 5 else ''}): {cell.name} trains again")
             continue
         shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(record, run)
+        # Copied beside the run and renamed into place, so that two bench processes started
+        # together on a fresh checkout (one per core, each with its own --cells) can restore the
+        # same records at once: whichever renames second finds the finished copy and keeps it.
+        runs.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".restoring-{cell.name}-", dir=runs))
+        shutil.copytree(record, staging, dirs_exist_ok=True)
+        try:
+            staging.rename(run)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not cell_done(run):
+                raise
         restored += 1
     return restored
 
