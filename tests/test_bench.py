@@ -1,6 +1,7 @@
 """`semidiff bench` and `semidiff report`: the grid runs, survives a kill, and its table is exactly
 the per-run metrics aggregated over seeds."""
 
+import contextlib
 import csv
 import importlib.util
 import json
@@ -151,6 +152,42 @@ def test_paired_differences_against_clean_subtract_each_methods_own_clean_run_se
     rows = paired.paired_rows(dice, baseline="sup")
     assert "| 7 | pseudo-flip-0.3 | mt | 0,1 | +0.080 ± 0.113 | 1/2 |" in rows
     assert "| 7 | clean | mt | 0,1 | +0.120 ± 0.028 | 2/2 |" in rows
+
+
+def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path):
+    # `kill BENCH_PID` used to leave the cell's training running on its own: it kept a core busy,
+    # and a bench started again on the same grid trained the same run folder beside it.
+    root = make_synthetic_dataset(tmp_path / "data", spatial_dims=2, num_cases=6, size=(32, 32), num_classes=3,
+                                  val_cases=2, seed=0)
+    config = _train_config(root, "supervised")
+    config["train"].update(max_steps=100000, val_every=100000)  # trains until stopped
+    (tmp_path / "sup.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({"bench": {
+        "name": "long", "output_dir": str(tmp_path / "out"), "methods": [{"name": "sup", "config": "sup.yaml"}],
+        "labeled": [2], "seeds": [0, 1]}}))
+    trainings = tmp_path / "tmp" / "semidiff-trainings"  # where every training registers its process id
+    trainings.mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
+    bench = subprocess.Popen([sys.executable, "-m", "semidiff", "bench", str(tmp_path / "bench.yaml")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (cells := [int(p.name) for p in trainings.iterdir()]):
+            assert bench.poll() is None, bench.stdout.read()
+            time.sleep(0.5)
+        assert cells, "the cell's training never started"
+        bench.send_signal(signal.SIGTERM)
+        out, _ = bench.communicate(timeout=180)
+    finally:
+        bench.kill()
+        for pid in (int(p.name) for p in trainings.iterdir()):  # a training left behind by a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert bench.returncode == 128 + signal.SIGTERM, out
+    with pytest.raises(ProcessLookupError):
+        os.kill(cells[0], 0)  # the training stopped with its bench
+    assert "sup_l2_s0: stopped (SIGTERM)" in out
+    assert not (tmp_path / "out" / "long" / "runs" / "sup_l2_s1").exists()  # and no other cell was started
 
 
 def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_path):

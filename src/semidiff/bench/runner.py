@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -29,9 +30,31 @@ from semidiff.bench.spec import BenchSpec, Cell, cell_done, grid_cells, load_ben
 from semidiff.report.build import write_report
 from semidiff.report.collect import read_json
 
+#: The cell trainings this process is waiting on, and whether it was asked to stop: ``kill BENCH_PID``
+#: (SIGTERM) must stop the training it started too. A cell left running after its bench died kept a
+#: core busy, and a second bench started on the same grid trained the same run folder beside it.
+_cell_processes: set[subprocess.Popen] = set()
+_stopping = threading.Event()
+
+
+def _stop_cell_process(proc: subprocess.Popen, grace: float = 120.0) -> None:
+    """SIGTERM a cell's training (Lightning stops it between steps), SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
 
 def run_cell(cell: Cell, bench_dir: Path, env: dict[str, str] | None = None, in_process: bool = False) -> int:
-    """Train (or continue) one cell; its output goes to ``BENCH/logs/<cell>.log``; returns the exit code."""
+    """Train (or continue) one cell; its output goes to ``BENCH/logs/<cell>.log``; returns the exit code.
+
+    In a subprocess (the default), the training stops with this process: on an exception here
+    (Ctrl-C) and on SIGTERM to the bench (:func:`run_bench` forwards it).
+    """
     log_dir = bench_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     args = [str(cell.config), *cell.train_overrides]
@@ -40,9 +63,35 @@ def run_cell(cell: Cell, bench_dir: Path, env: dict[str, str] | None = None, in_
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
         if not in_process:
-            return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            _cell_processes.add(proc)
+            try:
+                return proc.wait()
+            finally:
+                _cell_processes.discard(proc)
+                _stop_cell_process(proc)
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             return train_cell(args[0], args[1:])
+
+
+@contextlib.contextmanager
+def _cells_stop_on_sigterm():
+    """While a bench runs, SIGTERM stops its cell trainings and starts no new cell."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+
+    def on_sigterm(signum, _frame) -> None:
+        _stopping.set()
+        for proc in list(_cell_processes):
+            proc.terminate()
+
+    _stopping.clear()
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def time_left(pending: list[Cell], seconds: dict[str, list[float]]) -> str:
@@ -152,11 +201,17 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
 
     def work(i_cell: tuple[int, Cell]) -> None:
         i, cell = i_cell
+        if _stopping.is_set():
+            return
         env = dict(os.environ)
         if spec.gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(spec.gpus[i % len(spec.gpus)])
         t0 = time.time()
         rc = run_cell(cell, bench_dir, env, in_process=spec.isolation == "in_process")
+        if _stopping.is_set() and not cell_done(bench_dir / "runs" / cell.name):
+            log(f"[{time.strftime('%H:%M:%S')}] {cell.name}: stopped (SIGTERM); the same command continues it "
+                "from its last checkpoint")
+            return
         with lock:
             state = "done" if rc == 0 and cell_done(bench_dir / "runs" / cell.name) else f"FAILED (exit {rc})"
             pending.remove(cell)
@@ -170,8 +225,10 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
                 f"(log: {bench_dir / 'logs' / (cell.name + '.log')}); {time_left(pending, seconds)}")
             write_report(bench_dir, log=lambda _m: None)
 
-    with ThreadPoolExecutor(max_workers=spec.workers) as pool:
+    with _cells_stop_on_sigterm(), ThreadPoolExecutor(max_workers=spec.workers) as pool:
         list(pool.map(work, enumerate(todo)))
+    if _stopping.is_set():  # the report is as the last finished cell left it
+        raise SystemExit(128 + signal.SIGTERM)
     timing = {"wall_seconds_this_invocation": round(time.time() - started, 1), "cells": len(cells),
               "cells_run": len(todo), "failed": failures}
     (bench_dir / "bench_timing.json").write_text(json.dumps(timing, indent=1))
