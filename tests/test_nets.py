@@ -11,7 +11,13 @@ from torch import nn
 from semidiff import nets
 from semidiff.errors import ConfigError
 from semidiff.nets import create_net, list_nets, register_net
-from semidiff.nets.blocks import SegmentationNet, crop_to, pad_to_multiple
+from semidiff.nets.blocks import (
+    BulkRandomDropout,
+    SegmentationNet,
+    bulk_random_dropout,
+    crop_to,
+    pad_to_multiple,
+)
 
 # Small widths keep the tests fast; the structure (levels, blocks) is the full one.
 SMALL: dict[str, dict[str, Any]] = {
@@ -100,6 +106,38 @@ def test_dropout_is_stochastic_in_train_and_off_in_eval(name: str) -> None:
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_bulk_random_dropout_keeps_the_rate_and_the_mean_and_follows_the_seed(p: float) -> None:
+    # 16-bit uniforms, four per 64-bit draw (the CPU dropout of the nets: BulkRandomDropout).
+    x = torch.ones(8, 16, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(0)
+    out = bulk_random_dropout(x, p)
+    kept = out != 0
+    rate = round(p * 65536) / 65536
+    n = x.numel()
+    assert abs(1 - kept.float().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5  # the Bernoulli rate
+    assert torch.equal(out[kept], torch.full_like(out[kept], 1 / (1 - rate)))  # scaled to keep the mean
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # Kept-or-dropped is not shared by the four elements that one 64-bit draw decides.
+    flat = kept.permute(0, 2, 3, 1).reshape(-1, 4).float()
+    pair = (flat[:, 0] * flat[:, 1]).mean().item()
+    assert abs(pair - (1 - p) ** 2) < 5 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / len(flat)) ** 0.5
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, out.detach())  # d out / d x is the mask times the scale
+    torch.manual_seed(0)
+    assert torch.equal(bulk_random_dropout(x, p), out)  # torch's generator: seeded, repeatable
+    assert not torch.equal(bulk_random_dropout(x, p), out)
+
+
+def test_the_unet_dropout_is_bulk_random_on_cpu_and_plain_in_eval() -> None:
+    net = create_net("unet2d", 1, 2, features=(4, 8, 8, 16, 16))
+    layers = [m for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert layers and all(isinstance(m, BulkRandomDropout) for m in layers)
+    x = torch.randn(2, 4, 16, 16)
+    layers[0].eval()
+    assert torch.equal(layers[0](x), x)
 
 
 def test_dropout_can_be_turned_off() -> None:
