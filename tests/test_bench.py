@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from semidiff.bench.records import record_mismatch
+from semidiff.bench.records import record_mismatch, sync_records
 from semidiff.bench.runner import finished_seconds, run_bench, select_cells, time_left
 from semidiff.bench.spec import Cell, cell_done, grid_cells, load_bench
 from semidiff.cli import main
@@ -154,7 +154,8 @@ def test_paired_differences_against_clean_subtract_each_methods_own_clean_run_se
     assert "| 7 | clean | mt | 0,1 | +0.120 ± 0.028 | 2/2 |" in rows
 
 
-def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path):
+@pytest.mark.parametrize("isolation", ["subprocess", "in_process"])
+def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path, isolation):
     # `kill BENCH_PID` used to leave the cell's training running on its own: it kept a core busy,
     # and a bench started again on the same grid trained the same run folder beside it.
     root = make_synthetic_dataset(tmp_path / "data", spatial_dims=2, num_cases=6, size=(32, 32), num_classes=3,
@@ -164,7 +165,7 @@ def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path):
     (tmp_path / "sup.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "bench.yaml").write_text(yaml.safe_dump({"bench": {
         "name": "long", "output_dir": str(tmp_path / "out"), "methods": [{"name": "sup", "config": "sup.yaml"}],
-        "labeled": [2], "seeds": [0, 1]}}))
+        "labeled": [2], "seeds": [0, 1], "isolation": isolation}}))
     trainings = tmp_path / "tmp" / "semidiff-trainings"  # where every training registers its process id
     trainings.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
@@ -183,9 +184,12 @@ def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path):
         for pid in (int(p.name) for p in trainings.iterdir()):  # a training left behind by a failure
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert bench.returncode == 128 + signal.SIGTERM, out
     with pytest.raises(ProcessLookupError):
         os.kill(cells[0], 0)  # the training stopped with its bench
+    if isolation == "in_process":  # the training is the bench: SIGTERM's default action ends both
+        assert bench.returncode == -signal.SIGTERM, out
+        return
+    assert bench.returncode == 128 + signal.SIGTERM, out
     assert "sup_l2_s0: stopped (SIGTERM)" in out
     assert not (tmp_path / "out" / "long" / "runs" / "sup_l2_s1").exists()  # and no other cell was started
 
@@ -242,7 +246,6 @@ def test_records_let_a_fresh_checkout_continue_the_grid_without_retraining(tmp_p
 def test_records_restored_by_two_bench_processes_at_once_do_not_collide(tmp_path, monkeypatch):
     # Two `semidiff bench --cells ...` started together on a fresh checkout both restore every
     # record; the second to finish its copy must keep the first one's run folder, not fail on it.
-    from semidiff.bench import records as records_module
     from semidiff.config import load_config
 
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"data": {"reader": "synthetic", "root": "here"},
@@ -266,7 +269,7 @@ def test_records_restored_by_two_bench_processes_at_once_do_not_collide(tmp_path
             shutil.copytree(record, path)
 
     monkeypatch.setattr(shutil, "rmtree", other_process_restores_meanwhile)
-    assert records_module.sync_records([cell], runs, tmp_path / "records", log=lambda _m: None) == 1
+    assert sync_records([cell], runs, tmp_path / "records", log=lambda _m: None) == 1
     assert cell_done(runs / cell.name)
     assert [p.name for p in runs.iterdir()] == [cell.name]  # no half copy left beside it
 

@@ -75,9 +75,13 @@ def run_cell(cell: Cell, bench_dir: Path, env: dict[str, str] | None = None, in_
 
 
 @contextlib.contextmanager
-def _cells_stop_on_sigterm():
-    """While a bench runs, SIGTERM stops its cell trainings and starts no new cell."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+def _cells_stop_on_sigterm(subprocesses: bool):
+    """While a bench runs, SIGTERM stops its cell trainings and starts no new cell.
+
+    Cells trained in this process (``isolation: in_process``) keep SIGTERM's default action, which
+    ends the process and its training at once; signal handlers exist in the main thread only.
+    """
+    if not subprocesses or threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -225,7 +229,7 @@ def run_bench(config: str | Path, overrides: list[str] | None = None, log: Calla
                 f"(log: {bench_dir / 'logs' / (cell.name + '.log')}); {time_left(pending, seconds)}")
             write_report(bench_dir, log=lambda _m: None)
 
-    with _cells_stop_on_sigterm(), ThreadPoolExecutor(max_workers=spec.workers) as pool:
+    with _cells_stop_on_sigterm(spec.isolation != "in_process"), ThreadPoolExecutor(max_workers=spec.workers) as pool:
         list(pool.map(work, enumerate(todo)))
     if _stopping.is_set():  # the report is as the last finished cell left it
         raise SystemExit(128 + signal.SIGTERM)
