@@ -86,6 +86,7 @@ def sync_records(cells: list[Cell], runs: Path, records: Path, log: Callable[[st
     now; a record that differs is reported and left alone, and the cell trains again.
     """
     records.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
     restored = 0
     for cell in cells:
         run, record = runs / cell.name, records / cell.name
@@ -103,7 +104,6 @@ def sync_records(cells: list[Cell], runs: Path, records: Path, log: Callable[[st
         # Copied beside the run and renamed into place, so that two bench processes started
         # together on a fresh checkout (one per core, each with its own --cells) can restore the
         # same records at once: whichever renames second finds the finished copy and keeps it.
-        runs.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".restoring-{cell.name}-", dir=runs))
         shutil.copytree(record, staging, dirs_exist_ok=True)
         try:

@@ -283,7 +283,7 @@ class BulkRandomDropout(nn.Dropout):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or x.device.type != "cpu" or self.p == 0.0:
+        if not self.training or x.device.type != "cpu":
             return super().forward(x)
         return bulk_random_dropout(x, self.p)
 
@@ -295,9 +295,8 @@ def bulk_random_dropout(x: Tensor, p: float) -> Tensor:
         return x
     words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
     uniforms = words.view(torch.int16)[: x.numel()]
-    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
-        x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
-    x = x if dense else x.contiguous()
+    layouts = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+    x = x if any(x.is_contiguous(memory_format=f) for f in layouts) else x.contiguous()
     # The mask laid out as x (channels-last too): a mask in another layout made the product 5x slower.
     keep = torch.as_strided(uniforms, x.shape, x.stride()) >= cut - 32768
     return torch.where(keep, x * (65536 / (65536 - cut)), 0)
