@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from semidiff.bench.records import record_mismatch, sync_records
@@ -177,6 +178,11 @@ def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path, isolation)
             assert bench.poll() is None, bench.stdout.read()
             time.sleep(0.5)
         assert cells, "the cell's training never started"
+        # Stop it once it trains (its CSV log exists), long before its first validation.
+        run = tmp_path / "out" / "long" / "runs" / "sup_l2_s0"
+        while time.time() < deadline and not list(run.glob("csv/version_*/metrics.csv")):
+            assert bench.poll() is None, bench.stdout.read()
+            time.sleep(0.2)
         bench.send_signal(signal.SIGTERM)
         out, _ = bench.communicate(timeout=180)
     finally:
@@ -191,6 +197,8 @@ def test_sigterm_to_the_bench_stops_the_cell_it_is_training(tmp_path, isolation)
         return
     assert bench.returncode == 128 + signal.SIGTERM, out
     assert "sup_l2_s0: stopped (SIGTERM)" in out
+    # ... with the step it stopped at saved (no validation had written a checkpoint): nothing lost.
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] > 0
     assert not (tmp_path / "out" / "long" / "runs" / "sup_l2_s1").exists()  # and no other cell was started
 
 

@@ -112,6 +112,47 @@ def test_crash_then_resume_equals_uninterrupted_run(tmp_path, synth2d, monkeypat
         torch.testing.assert_close(a[k], b[k], msg=f"{k} differs after resume")
 
 
+def test_sigterm_saves_the_step_it_stopped_at_and_resume_equals_uninterrupted_run(tmp_path, synth2d, monkeypatch):
+    """A scheduler's (or a bench's) SIGTERM ends the run after the step in progress with that step
+    in last.ckpt and exit status 143, not with up to val_every steps lost and status 0."""
+    import os
+    import signal
+
+    from semidiff.engine.module import SemidiffModule
+
+    full = config_from_dict(_cfg(tmp_path, synth2d, 20, name="straight"))
+    train(full, log=lambda *_: None)
+
+    stopped = config_from_dict(_cfg(tmp_path, synth2d, 20, name="stopped"))
+    original = SemidiffModule.training_step
+
+    def sigterm_at_13(self, batch, batch_idx):
+        if self.global_step == 13:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(SemidiffModule, "training_step", sigterm_at_13)
+    lines = []
+    with pytest.raises(SystemExit) as stop:
+        train(stopped, log=lines.append)
+    monkeypatch.setattr(SemidiffModule, "training_step", original)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert any("SIGTERM" in line and "step 14 of 20" in line and "--resume" in line for line in lines), lines
+    run = stopped.run_dir()
+    # Step 13 was finished (14 steps done), 4 more than the validation checkpoint of step 10 holds.
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 14
+    assert not (run / "checkpoints" / "final.ckpt").exists() and not (run / "timing.json").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler goes with the run
+    train(stopped, resume=True, log=lambda *_: None)
+    steps = [int(r["step"]) for r in _rows(run)]
+    assert len(steps) == 20 and len(set(steps)) == 20  # no step trained twice, none skipped
+    a = torch.load(full.run_dir() / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(run / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=f"{k} differs after resume")
+
+
 def test_cli_eval_and_predict(tmp_path, synth2d, capsys):
     cfg = config_from_dict(_cfg(tmp_path, synth2d, 10, name="cli"))
     train(cfg, log=lambda *_: None)

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 __all__ = ["TEMP_PREFIX", "AtomicCheckpointIO", "BestAndLastCheckpoint", "atomic_torch_save",
            "remove_stale_temporaries"]
@@ -109,6 +110,10 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     an EndoScapes run of 2500 steps kept a ``last`` of step 1500, and a kill would have lost the
     1000 steps since (the promise is: at most the work since the last validation). Here ``last`` is
     written after every validation as well, on every rank alike (the save is collective).
+
+    A SIGTERM (a scheduler's, a bench's, ``kill``) writes ``last`` too: Lightning finishes the step
+    in progress, then stops every rank alike with ``SIGTERMException``, and that step is saved, so a
+    stop loses nothing. Other exceptions save nothing (a failed step's state may be half updated).
     """
 
     _last_step_written = -1
@@ -121,4 +126,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if (self.save_last and self._last_step_written != trainer.global_step and not trainer.sanity_checking
                 and trainer.state.fn == TrainerFn.FITTING and not trainer.fast_dev_run):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if (isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING
+                and self._last_step_written != trainer.global_step and not trainer.sanity_checking):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

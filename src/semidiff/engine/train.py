@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from semidiff.config import Config
 from semidiff.data.preprocessing import preprocessing_from_config
@@ -216,6 +218,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.is_file() else None)
+    except SIGTERMException:
+        # Lightning stopped after the step in progress and BestAndLastCheckpoint saved it. Exit as a
+        # process killed by SIGTERM would (128 + 15), not 0: the run has not finished.
+        log(f"stopped by SIGTERM at step {trainer.global_step} of {cfg.train.max_steps}: saved in {last}; "
+            f"continue with `semidiff train {run_dir} --resume`")
+        raise SystemExit(128 + signal.SIGTERM) from None
     except BaseException:
         # A run that failed before its first checkpoint has nothing to resume: leave no folder.
         if rank_zero and fresh and not resume and not any((run_dir / "checkpoints").glob("*.ckpt")):
