@@ -84,37 +84,11 @@ def test_resume_continues_from_saved_step(tmp_path, synth2d):
     assert len(steps) == 30 and len(set(steps)) == 30
 
 
-def test_crash_then_resume_equals_uninterrupted_run(tmp_path, synth2d, monkeypatch):
-    from semidiff.engine.module import SemidiffModule
-
-    full = config_from_dict(_cfg(tmp_path, synth2d, 20, name="straight"))
-    train(full, log=lambda *_: None)
-
-    crashed = config_from_dict(_cfg(tmp_path, synth2d, 20, name="crashed"))
-    original = SemidiffModule.training_step
-
-    def crash_at_13(self, batch, batch_idx):
-        if self.global_step == 13:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(SemidiffModule, "training_step", crash_at_13)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(crashed, log=lambda *_: None)
-    monkeypatch.setattr(SemidiffModule, "training_step", original)
-    # The last checkpoint is the one of step 10: at most the work since then was lost.
-    assert torch.load(crashed.run_dir() / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
-    train(crashed, resume=True, log=lambda *_: None)
-    a = torch.load(full.run_dir() / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(crashed.run_dir() / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], msg=f"{k} differs after resume")
-
-
-def test_sigterm_saves_the_step_it_stopped_at_and_resume_equals_uninterrupted_run(tmp_path, synth2d, monkeypatch):
-    """A scheduler's (or a bench's) SIGTERM ends the run after the step in progress with that step
-    in last.ckpt and exit status 143, not with up to val_every steps lost and status 0."""
+@pytest.mark.parametrize("interruption", ["crash", "sigterm"])
+def test_interrupted_at_step_13_then_resumed_equals_uninterrupted_run(tmp_path, synth2d, monkeypatch, interruption):
+    """A crash loses the steps since the last checkpoint (validation at step 10). A SIGTERM (a
+    scheduler's, a bench's) finishes the step in progress, saves it and exits 143; it used to exit 0
+    with nothing saved since the last validation."""
     import os
     import signal
 
@@ -123,29 +97,35 @@ def test_sigterm_saves_the_step_it_stopped_at_and_resume_equals_uninterrupted_ru
     full = config_from_dict(_cfg(tmp_path, synth2d, 20, name="straight"))
     train(full, log=lambda *_: None)
 
-    stopped = config_from_dict(_cfg(tmp_path, synth2d, 20, name="stopped"))
+    cut = config_from_dict(_cfg(tmp_path, synth2d, 20, name=interruption))
     original = SemidiffModule.training_step
 
-    def sigterm_at_13(self, batch, batch_idx):
+    def interrupt_at_13(self, batch, batch_idx):
         if self.global_step == 13:
+            if interruption == "crash":
+                raise RuntimeError("simulated crash")
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(SemidiffModule, "training_step", sigterm_at_13)
+    monkeypatch.setattr(SemidiffModule, "training_step", interrupt_at_13)
     lines = []
-    with pytest.raises(SystemExit) as stop:
-        train(stopped, log=lines.append)
+    with pytest.raises(RuntimeError if interruption == "crash" else SystemExit) as stop:
+        train(cut, log=lines.append)
     monkeypatch.setattr(SemidiffModule, "training_step", original)
-    assert stop.value.code == 128 + signal.SIGTERM
-    assert any("SIGTERM" in line and "step 14 of 20" in line and "--resume" in line for line in lines), lines
-    run = stopped.run_dir()
-    # Step 13 was finished (14 steps done), 4 more than the validation checkpoint of step 10 holds.
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 14
-    assert not (run / "checkpoints" / "final.ckpt").exists() and not (run / "timing.json").exists()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler goes with the run
-    train(stopped, resume=True, log=lambda *_: None)
-    steps = [int(r["step"]) for r in _rows(run)]
-    assert len(steps) == 20 and len(set(steps)) == 20  # no step trained twice, none skipped
+    run = cut.run_dir()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    if interruption == "crash":
+        assert saved == 10
+    else:
+        assert stop.value.code == 128 + signal.SIGTERM
+        assert saved == 14  # step 13 finished: 14 steps done
+        assert any("SIGTERM" in line and "step 14 of 20" in line and "--resume" in line for line in lines), lines
+        assert not (run / "checkpoints" / "final.ckpt").exists() and not (run / "timing.json").exists()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler goes with the run
+    train(cut, resume=True, log=lambda *_: None)
+    if interruption == "sigterm":
+        steps = [int(r["step"]) for r in _rows(run)]
+        assert len(steps) == 20 and len(set(steps)) == 20  # no step trained twice, none skipped
     a = torch.load(full.run_dir() / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
     b = torch.load(run / "checkpoints" / "final.ckpt", weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
