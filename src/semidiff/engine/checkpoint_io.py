@@ -122,13 +122,16 @@ class BestAndLastCheckpoint(ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_step_written = trainer.global_step
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        super().on_validation_end(trainer, pl_module)
+    def _write_last_unless_written(self, trainer) -> None:
+        """``last`` for the current step of a fit, unless it holds that step already."""
         if (self.save_last and self._last_step_written != trainer.global_step and not trainer.sanity_checking
                 and trainer.state.fn == TrainerFn.FITTING and not trainer.fast_dev_run):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._write_last_unless_written(trainer)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if (isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING
-                and self._last_step_written != trainer.global_step and not trainer.sanity_checking):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if isinstance(exception, SIGTERMException):
+            self._write_last_unless_written(trainer)
