@@ -732,3 +732,34 @@ def test_empty_frames_separates_the_frames_without_the_class_from_those_with_it(
     assert lines[0] == ("artery", 4, 4, 3, 0.75, 0.0)
     assert lines[1][:4] == ("tool", 4, 1, 1) and lines[1][4] == pytest.approx(0.3) and lines[1][5] == pytest.approx(0.4)
     assert strict == pytest.approx(0.525) and present == pytest.approx(0.2)
+
+
+def test_pseudo_label_quality_separates_taught_from_left_out_errors():
+    """benchmarks/pseudo_label_quality.py: on a 1x4x4 map with one foreground square, a confident
+    wrong pixel counts as taught, an unconfident wrong pixel as left out, and the edge band is the
+    pixels with another class within the radius."""
+    spec = importlib.util.spec_from_file_location(
+        "pseudo_label_quality", Path(__file__).parents[1] / "benchmarks" / "pseudo_label_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    truth = torch.zeros(1, 4, 4, dtype=torch.long)
+    truth[0, :2, :2] = 1  # class 1 in the top-left 2x2 block
+    pred = truth.clone()
+    pred[0, 3, 3] = 1  # wrong and confident (far from the edge)
+    pred[0, 1, 1] = 0  # wrong and unconfident (inside the block, at its edge)
+    conf = torch.full((1, 4, 4), 0.99)
+    conf[0, 1, 1] = 0.6
+    conf[0, 0, 0] = 0.7  # right but unconfident
+    probs = torch.zeros(1, 2, 4, 4)
+    probs.scatter_(1, pred[:, None], conf[:, None])
+    probs.scatter_(1, 1 - pred[:, None], 1 - conf[:, None])
+    q = module.quality(probs, truth, threshold=0.95, num_classes=2)
+    assert q["dice"] == pytest.approx(2 * 3 / (4 + 4))  # 3 overlap, 4 predicted, 4 true
+    assert q["confident_share"] == pytest.approx(14 / 16)
+    assert q["confident_accuracy"] == pytest.approx(13 / 14) and q["other_accuracy"] == pytest.approx(0.5)
+    assert q["wrong_share"] == pytest.approx(2 / 16) and q["wrong_confident_share"] == pytest.approx(0.5)
+    assert q["foreground_covered"] == pytest.approx(2 / 4)
+    edge = module.near_edge(truth, radius=1)
+    assert edge[0].tolist() == [[False, True, True, False], [True, True, True, False],
+                                [True, True, True, False], [False, False, False, False]]
+    assert q["left_out_near_edge"] == pytest.approx(1.0)  # both left-out pixels are within 2 of the edge
