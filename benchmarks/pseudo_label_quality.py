@@ -31,6 +31,7 @@ import torch
 from semidiff.data.transforms import resize_to
 from semidiff.engine.data import build_reader, build_splits
 from semidiff.engine.module import load_module
+from semidiff.evaluation.metrics import pooled_scores
 
 
 def pseudo_probs(method, name: str, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
@@ -51,12 +52,10 @@ def quality(probs: torch.Tensor, truth: torch.Tensor, threshold: float, num_clas
     conf, pred = probs.max(dim=1)
     confident = conf >= threshold
     right = pred == truth
-    dice = []
-    for c in range(1, num_classes):
-        p, g = pred == c, truth == c
-        denom = int(p.sum() + g.sum())
-        dice.append(2.0 * int((p & g).sum()) / denom if denom else 1.0)
+    dice = [pooled_scores(float(((pred == c) & (truth == c)).sum()), float((pred == c).sum()),
+                          float((truth == c).sum()))["dice"] for c in range(1, num_classes)]
     wrong = ~right
+    edge = near_edge(truth)
     return {
         "dice": sum(dice) / len(dice),
         **{f"dice_{c}": d for c, d in enumerate(dice, start=1)},
@@ -68,8 +67,8 @@ def quality(probs: torch.Tensor, truth: torch.Tensor, threshold: float, num_clas
         # foreground truth pixels that the unlabeled loss sees as confident: how much of the structures it covers
         "foreground_covered": float(confident[truth > 0].float().mean()) if (truth > 0).any() else float("nan"),
         # where the left-out pixels are: within `BOUNDARY_PX` pixels of an edge between two classes of the truth
-        "left_out_near_edge": float(near_edge(truth)[~confident].float().mean()) if (~confident).any() else float("nan"),
-        "near_edge_share": float(near_edge(truth).float().mean()),
+        "left_out_near_edge": float(edge[~confident].float().mean()) if (~confident).any() else float("nan"),
+        "near_edge_share": float(edge.float().mean()),
     }
 
 
@@ -130,23 +129,25 @@ def main() -> None:
         method, cfg = module.method.eval(), module.cfg
         if len(cfg.data.patch_size) != 2:
             raise SystemExit(f"{ckpt}: this diagnostic runs on 2D (slice-wise) configs only")
+        name = path.name if path.is_dir() else str(ckpt)
         thresholds = args.threshold or [getattr(method.options, "confidence_threshold", 0.95)]
         try:
             x, y, n_cases = unlabeled_slices(cfg, args.every)
         except ValueError as exc:
-            print(f"| {run} | {cfg.method.name} | {cfg.data.labeled} | {exc} |")
+            print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} | {exc} |")
             continue
         with torch.no_grad():
             probs = pseudo_probs(method, cfg.method.name, x)
         for threshold in thresholds:
             q = quality(probs, y, threshold, cfg.model.num_classes)
             per_class = ", ".join(f"{q[f'dice_{c}']:.3f}" for c in range(1, cfg.model.num_classes))
-            print(f"| {path.name if path.is_dir() else ckpt} | {cfg.method.name} | {cfg.data.labeled:g} "
+            print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} "
                   f"| {len(x)} ({n_cases} cases) | {q['dice']:.3f} | {per_class} | {q['confident_share']:.3f} "
                   f"(>= {threshold}) | {q['confident_accuracy']:.4f} / {q['other_accuracy']:.3f} "
                   f"| {q['wrong_confident_share']:.2f} of {q['wrong_share']:.4f} | {q['foreground_covered']:.3f} "
                   f"| {q['left_out_near_edge']:.2f} ({q['near_edge_share']:.2f}) |",
                   flush=True)
+
 
 if __name__ == "__main__":
     main()
