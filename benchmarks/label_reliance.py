@@ -27,15 +27,13 @@ import torch
 from semidiff.data.transforms import resize_to
 from semidiff.engine.data import build_reader, build_splits
 from semidiff.engine.module import load_module
+from semidiff.evaluation.metrics import pooled_scores
 
 
 def pooled_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
     """Mean over foreground classes of the Dice pooled over every pixel of the batch."""
-    scores = []
-    for c in range(1, num_classes):
-        p, g = pred == c, label == c
-        denom = int(p.sum() + g.sum())
-        scores.append(2.0 * int((p & g).sum()) / denom if denom else 1.0)
+    scores = [pooled_scores(float(((pred == c) & (label == c)).sum()), float((pred == c).sum()),
+                            float((label == c).sum()))["dice"] for c in range(1, num_classes)]
     return sum(scores) / len(scores)
 
 
