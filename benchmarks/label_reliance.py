@@ -27,13 +27,12 @@ import torch
 from semidiff.data.transforms import resize_to
 from semidiff.engine.data import build_reader, build_splits
 from semidiff.engine.module import load_module
-from semidiff.evaluation.metrics import pooled_scores
+from semidiff.evaluation.metrics import pooled_class_dice
 
 
 def pooled_dice(pred: torch.Tensor, label: torch.Tensor, num_classes: int) -> float:
     """Mean over foreground classes of the Dice pooled over every pixel of the batch."""
-    scores = [pooled_scores(float(((pred == c) & (label == c)).sum()), float((pred == c).sum()),
-                            float((label == c).sum()))["dice"] for c in range(1, num_classes)]
+    scores = pooled_class_dice(pred, label, range(1, num_classes))
     return sum(scores) / len(scores)
 
 

@@ -31,7 +31,7 @@ import torch
 from semidiff.data.transforms import resize_to
 from semidiff.engine.data import build_reader, build_splits
 from semidiff.engine.module import load_module
-from semidiff.evaluation.metrics import pooled_scores
+from semidiff.evaluation.metrics import pooled_class_dice
 
 
 def pseudo_probs(method, name: str, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
@@ -52,8 +52,7 @@ def quality(probs: torch.Tensor, truth: torch.Tensor, threshold: float, num_clas
     conf, pred = probs.max(dim=1)
     confident = conf >= threshold
     right = pred == truth
-    dice = [pooled_scores(float(((pred == c) & (truth == c)).sum()), float((pred == c).sum()),
-                          float((truth == c).sum()))["dice"] for c in range(1, num_classes)]
+    dice = pooled_class_dice(pred, truth, range(1, num_classes))
     wrong = ~right
     edge = near_edge(truth)
     return {

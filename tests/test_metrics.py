@@ -18,6 +18,7 @@ from semidiff.evaluation.metrics import (
     case_metrics,
     format_summary_table,
     parse_empty_rule,
+    pooled_class_dice,
     summarize,
     write_metrics,
 )
@@ -305,3 +306,18 @@ def test_pooled_dice_sums_the_voxel_counts_and_gives_silence_no_credit(tmp_path)
     assert (rows[0]["intersection"], rows[0]["pred_voxels"], rows[0]["ref_voxels"]) == ("8.0", "8.0", "16.0")
     # Records written before the counts existed (no counts): no pooled numbers, nothing invented.
     assert "pooled" not in summarize(_known_records(), None)
+
+
+def test_pooled_class_dice_of_label_maps_agrees_with_the_summary_counts() -> None:
+    """The label-map shortcut the diagnostic scripts use gives the summary's pooled Dice, on numpy
+    arrays and torch tensors alike; a class in neither map scores 1 (pooled_scores' rule)."""
+    torch = pytest.importorskip("torch")
+    ref = np.zeros((4, 8, 8), np.uint8)
+    ref[0, :2, :] = 1
+    ref[:, 4:, :] = 2
+    pred = np.where(ref == 1, 0, ref)
+    pred[0, :1, :] = 1
+    pred[1, 4:6, :] = 1
+    expected = [2 * 8 / (24 + 16), 2 * 112 / (112 + 128), 1.0]
+    assert pooled_class_dice(pred, ref, [1, 2, 3]) == pytest.approx(expected)
+    assert pooled_class_dice(torch.from_numpy(pred), torch.from_numpy(ref), [1, 2, 3]) == pytest.approx(expected)

@@ -354,6 +354,13 @@ def pooled_scores(intersection: float, pred_voxels: float, ref_voxels: float) ->
     return {"dice": 2.0 * intersection / total, "jaccard": intersection / (total - intersection)}
 
 
+def pooled_class_dice(pred: Any, ref: Any, class_ids: Sequence[int]) -> list[float]:
+    """Dice of each class in ``class_ids`` pooled over every voxel of two label maps of one shape
+    (numpy arrays or torch tensors), by :func:`pooled_scores`' rule."""
+    return [pooled_scores(float(((pred == c) & (ref == c)).sum()), float((pred == c).sum()),
+                          float((ref == c).sum()))["dice"] for c in class_ids]
+
+
 def _lookup(metrics: Mapping[Any, Mapping[str, float]], c: int) -> Mapping[str, float] | None:
     # Records reloaded from JSON carry string class keys.
     if c in metrics:
