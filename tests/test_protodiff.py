@@ -527,3 +527,25 @@ def test_separate_forward_keeps_unlabeled_images_out_of_the_labeled_batch_statis
         torch.manual_seed(1)
         losses.append(method.training_step(labeled, {"image": unlabeled}, Progress(0, 10))["loss_sup"])
     assert torch.allclose(losses[0], losses[1]) == independent
+
+
+@pytest.mark.parametrize("prototype_loss,forward,batches", [
+    ("both", "separate", [2, 3]),   # labeled features update the prototypes
+    ("none", "separate", [3]),      # nothing reads the labeled outputs: no chain for them
+    ("none", "joint", [5]),         # one BatchNorm batch: the labeled images shape the unlabeled statistics
+])
+def test_teacher_samples_labeled_images_only_when_something_reads_them(monkeypatch, prototype_loss, forward,
+                                                                       batches):
+    method = _method(prototype_loss=prototype_loss, student_forward=forward)
+    labeled, unlabeled = _batch(2, n_l=2, n_u=3)
+    sample, seen = method.sample, []
+
+    def spy_sample(net, image, steps, generator=None):
+        if net is method.teacher:
+            seen.append(len(image))
+        return sample(net, image, steps, generator)
+
+    monkeypatch.setattr(method, "sample", spy_sample)
+    parts = method.training_step(labeled, unlabeled, Progress(0, 10))
+    assert seen == batches
+    assert torch.isfinite(parts["loss"])

@@ -315,18 +315,22 @@ class ProtoDiff(Method):
                     "conf_ratio": zero, "prototypes_ready": self.prototype_ready.sum().float()}
 
         net, grid = self.student, self.student.to_hidden_grid
-        # 1. Teacher on labeled + weak unlabeled views.
+        # 1. Teacher on labeled + weak unlabeled views. Its labeled outputs only feed the prototype
+        # update; without prototypes (and in separate passes, where they cannot touch the unlabeled
+        # batch statistics) its DDIM chain runs on the unlabeled views alone.
+        teacher_sees_labeled = o.prototype_loss != "none" or o.student_forward == "joint"
+        n_t = n_l if teacher_sees_labeled else 0
         with torch.no_grad(), record_function(profiling.TEACHER):
             steps = o.pseudo_label_steps or o.sampling_steps
-            probs_t, hidden_t = self._passes(lambda x: self.sample(self.teacher, x, steps), n_l,
-                                             torch.cat([x_l, x_u]))
-            conf_u, plab_u = probs_t[n_l:].max(dim=1, keepdim=True)
+            probs_t, hidden_t = self._passes(lambda x: self.sample(self.teacher, x, steps), n_t,
+                                             torch.cat([x_l, x_u]) if teacher_sees_labeled else x_u)
+            conf_u, plab_u = probs_t[n_t:].max(dim=1, keepdim=True)
             plab_u = self.corrupt_pseudo(plab_u)  # noise benchmark (identity unless noise.target: pseudo)
         # 2. Strong view; CutMix geometry follows on pseudo-labels, confidences, teacher features.
         x_s, mask = self.strong_view(x_u)
         plab_s, conf_s = cutmix(plab_u, mask), cutmix(conf_u, mask)
         hidden_mask = None if mask is None else (grid(mask) > 0.5).float()
-        hidden_t_s = cutmix(hidden_t[n_l:], hidden_mask)
+        hidden_t_s = cutmix(hidden_t[n_t:], hidden_mask)
         # 3. Student on labeled + strong views, diffusion targets from ground truth / pseudo-labels.
         z_t, t = self.noisy_latent(net, torch.cat([y_l_filled, plab_s]))
         logits, hidden_s = self._passes(net, n_l, torch.cat([x_l, x_s]), z_t, t)
