@@ -182,6 +182,24 @@ def test_each_baseline_logs_its_parts(name):
         method.on_step_end(Progress(step + 1, max_steps))
 
 
+@pytest.mark.parametrize("name,option", [("mean_teacher", "student_forward"), ("ua_mt", "student_forward"),
+                                         ("cps", "net_forward")])
+@pytest.mark.parametrize("mode,independent", [("joint", False), ("separate", True)])
+def test_separate_forward_keeps_unlabeled_images_out_of_the_labeled_batch_statistics(name, option, mode,
+                                                                                       independent):
+    # The U-Net has BatchNorm: in one pass the labeled loss depends on the unlabeled images beside
+    # them; in one pass per stream it does not (same seeds: same weights, dropout and noise).
+    labeled, _ = _batch(2, 2, 2)
+    losses = []
+    for unlabeled in (torch.rand(2, 1, 32, 32), 3.0 + 5.0 * torch.rand(2, 1, 32, 32)):
+        torch.manual_seed(0)
+        method = create_method(name, _spec(2), {option: mode})
+        method.train()
+        torch.manual_seed(1)
+        losses.append(method.training_step(labeled, {"image": unlabeled}, Progress(5, 10))["loss_sup"])
+    assert torch.allclose(losses[0], losses[1]) == independent
+
+
 def test_teacher_methods_evaluate_the_student_or_the_teacher():
     torch.manual_seed(0)
     image = torch.randn(1, 1, 32, 32)

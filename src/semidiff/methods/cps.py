@@ -31,6 +31,7 @@ from semidiff.methods.base import (
 )
 from semidiff.methods.common import (
     RampOptions,
+    batch_passes,
     build_net,
     pseudo_label,
     require_unlabeled,
@@ -50,12 +51,17 @@ class CPSOptions(RampOptions):
         include_labeled: Also cross-supervise on the labeled images (the original paper).
         eval_model: ``"a"`` (the first network, as SSL4MIS reports), ``"b"``, or ``"mean"`` of
             both networks' softmax.
+        net_forward: ``"joint"``: each network runs once over labeled + unlabeled images, so the
+            labeled images are normalised by BatchNorm statistics of both (SSL4MIS); ``"separate"``:
+            one pass per stream (:func:`~semidiff.methods.common.batch_passes`), the setting of
+            ProtoDiff's and Diff-CL's configs.
     """
 
     cps_weight: float = Field(default=0.1, ge=0.0)
     pseudo_loss: Literal["ce", "seg"] = "ce"
     include_labeled: bool = False
     eval_model: Literal["a", "b", "mean"] = "a"
+    net_forward: Literal["joint", "separate"] = "joint"
 
 
 @register_method("cps")
@@ -84,8 +90,9 @@ class CPS(Method):
         o = self.options
         x_l, y_l = labeled["image"], labeled["label"]
         x = torch.cat([x_l, require_unlabeled(unlabeled, self.name)])
-        logits_a, logits_b = self.net_a(x), self.net_b(x)
         n_l = len(x_l)
+        logits_a, logits_b = batch_passes(lambda v: (self.net_a(v), self.net_b(v)), n_l, x,
+                                          separate=o.net_forward == "separate")
         loss_sup = seg_loss(logits_a[:n_l], y_l) + seg_loss(logits_b[:n_l], y_l)
         start = 0 if o.include_labeled else n_l
         loss_cps = (self._pseudo_loss(logits_a[start:], logits_b[start:])
