@@ -195,7 +195,10 @@ def test_sigkill_then_resume_gives_identical_weights_and_metrics(tmp_path, tiny_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    step_at_kill = torch.load(last, weights_only=False)["global_step"]
+    at_kill = torch.load(last, weights_only=False)
+    step_at_kill = at_kill["global_step"]
+    seconds_at_kill = at_kill["semidiff_engine"]["train_seconds"]
+    assert seconds_at_kill > 0 and at_kill["semidiff_engine"]["timed_from_step"] == 0
     assert 0 < step_at_kill < STEPS and not (killed_dir / "checkpoints" / "final.ckpt").exists(), \
         "the run must be killed mid-run for this test to mean anything"
 
@@ -217,3 +220,27 @@ def test_sigkill_then_resume_gives_identical_weights_and_metrics(tmp_path, tiny_
     metrics_a = json.loads((out / "straight" / "eval_val_last" / "summary.json").read_text())["mean"]
     metrics_b = json.loads((killed_dir / "eval_val_last" / "summary.json").read_text())["mean"]
     assert metrics_a == metrics_b
+    # The resumed run's time counts its first piece (up to the checkpoint it resumed) and its last.
+    timing = json.loads((killed_dir / "timing.json").read_text())
+    assert timing["steps"] == STEPS and "timed_steps" not in timing
+    assert timing["wall_seconds"] > seconds_at_kill
+
+
+def test_a_run_resumed_from_a_checkpoint_without_time_says_which_steps_its_time_covers(tiny_data, tmp_path):
+    from semidiff.engine.module import CHECKPOINT_STATE_KEY, SemidiffModule
+    from semidiff.report.collect import seconds_per_step
+
+    cfg = config_from_dict(tiny_config(tmp_path, tiny_data, "old"), "test").model_dump(mode="json")
+    module = SemidiffModule(cfg)
+    module.on_load_checkpoint({"global_step": 300, CHECKPOINT_STATE_KEY: {"skipped_steps": 2}})
+    assert (module.skipped_steps, module.timed_from_step, module.seconds_before) == (2, 300, 0.0)
+    module.on_load_checkpoint({"global_step": 300, CHECKPOINT_STATE_KEY: {
+        "skipped_steps": 0, "train_seconds": 12.5, "timed_from_step": 0}})
+    assert (module.timed_from_step, module.train_seconds()) == (0, 12.5)
+    saved: dict = {}
+    module.start_clock(time.perf_counter() - 2.0)  # this invocation began 2 s ago
+    module.on_save_checkpoint(saved)
+    assert saved[CHECKPOINT_STATE_KEY]["train_seconds"] >= 14.5
+    # s/step from the steps the wall time covers
+    assert seconds_per_step({"wall_seconds": 100.0, "steps": 1000, "timed_steps": 250}) == 0.4
+    assert seconds_per_step({"wall_seconds": 100.0, "steps": 1000}) == 0.1

@@ -121,8 +121,10 @@ def finished_seconds(cells: list[Cell], runs: Path) -> dict[str, list[float]]:
     first cell of this invocation."""
     seconds: dict[str, list[float]] = {}
     for cell in cells:
-        if cell_done(runs / cell.name) and (wall := (read_json(runs / cell.name / "timing.json") or {})
-                                            .get("wall_seconds")):
+        timing = read_json(runs / cell.name / "timing.json") or {}
+        if cell_done(runs / cell.name) and (wall := timing.get("wall_seconds")):
+            if timing.get("timed_steps") and timing.get("steps"):  # only the last piece was timed
+                wall = wall * timing["steps"] / timing["timed_steps"]
             seconds.setdefault(cell.method, []).append(float(wall))
     return seconds
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,11 @@ class SemidiffModule(L.LightningModule):
         #: steps skipped for a non-finite loss (``train.nonfinite: skip``); checkpointed
         self.skipped_steps = 0
         self._skipping = False  # the current batch is being skipped
+        #: training seconds of earlier invocations (from the checkpoint resumed), and the step from
+        #: which they are known (> 0: resumed from a checkpoint made before time was kept in it)
+        self.seconds_before = 0.0
+        self.timed_from_step = 0
+        self._clock_start: float | None = None  # perf_counter when this invocation began (train.py)
         #: channels-last (or None) for networks and batches, set per machine in :meth:`setup`
         self.memory_format: torch.memory_format | None = None
 
@@ -184,12 +190,32 @@ class SemidiffModule(L.LightningModule):
         if not self._skipping:
             super().lr_scheduler_step(scheduler, metric)
 
+    def start_clock(self, started: float | None = None) -> None:
+        """Count this invocation's training time from ``started`` (``time.perf_counter()``; now by default)."""
+        self._clock_start = time.perf_counter() if started is None else started
+
+    def train_seconds(self) -> float:
+        """Training seconds over every invocation of this run so far (from :attr:`timed_from_step`)."""
+        now = 0.0 if self._clock_start is None else time.perf_counter() - self._clock_start
+        return self.seconds_before + now
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_STATE_KEY] = {"skipped_steps": self.skipped_steps}
+        # The time travels with the step, so a run resumed after SIGTERM or a kill reports the time
+        # of all its pieces (up to this checkpoint), not of its last one.
+        checkpoint[CHECKPOINT_STATE_KEY] = {"skipped_steps": self.skipped_steps,
+                                            "train_seconds": self.train_seconds(),
+                                            "timed_from_step": self.timed_from_step}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A resumed run keeps its skip count, hence its batch position (engine/data.py).
-        self.skipped_steps = int((checkpoint.get(CHECKPOINT_STATE_KEY) or {}).get("skipped_steps", 0))
+        state = checkpoint.get(CHECKPOINT_STATE_KEY) or {}
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if "train_seconds" in state:
+            self.seconds_before = float(state["train_seconds"])
+            self.timed_from_step = int(state.get("timed_from_step", 0))
+        else:  # a checkpoint from before time was kept: only the steps from here on are timed
+            self.seconds_before = 0.0
+            self.timed_from_step = int(checkpoint.get("global_step", 0))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         if self.cfg.train.nonfinite == "skip":

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -215,7 +214,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
         enable_model_summary=False,
         default_root_dir=str(run_dir),
     )
-    start = time.perf_counter()
+    module.start_clock()
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(last) if resume and last.is_file() else None)
     except SIGTERMException:
@@ -229,7 +228,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
         if rank_zero and fresh and not resume and not any((run_dir / "checkpoints").glob("*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    wall = time.perf_counter() - start
+    wall = module.train_seconds()  # every piece of a resumed run
     trainer.save_checkpoint(checkpoint_path(run_dir, "final"))  # collective: every rank calls it
     if not trainer.is_global_zero:
         return {}  # rank 0 alone writes timing and evaluates (once, over the whole set)
@@ -237,6 +236,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, log, threads: ThreadShare
     timing = {"wall_seconds": round(wall, 1), "steps": steps_done, "peak_memory_mib": peak_memory_mib(),
               "precision": precision, "memory_format": str(module.memory_format or "contiguous").removeprefix("torch."),
               "threads": threads.threads}
+    if module.timed_from_step:  # resumed from a checkpoint that kept no time: wall_seconds covers these steps
+        timing["timed_steps"] = steps_done - module.timed_from_step
     (run_dir / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"trained {steps_done} steps in {wall:.0f} s")
 

@@ -55,6 +55,16 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def seconds_per_step(timing: dict) -> float | None:
+    """Training seconds per step of a run's ``timing.json``; None without steps.
+
+    ``timed_steps`` (a run resumed from a checkpoint that kept no time) are the steps that
+    ``wall_seconds`` covers; otherwise it covers all ``steps``.
+    """
+    steps = timing.get("timed_steps") or timing.get("steps")
+    return timing["wall_seconds"] / steps if steps and timing.get("wall_seconds") is not None else None
+
+
 def _cell_result(run: Path, cfg: dict, method: str, labeled: float, seed: int, noise: str) -> CellResult:
     sums = {w: s for w in CHECKPOINTS if (s := read_json(run / f"eval_val_{w}" / "summary.json"))}
     names = list(next(iter(sums.values()))["per_class"])
@@ -209,8 +219,7 @@ def aggregate(results: list[CellResult]) -> list[dict]:
                 for cname in have[0].class_names:
                     row[f"{metric}/{cname}"] = mean_std(
                         [pooled_value(r.summaries[which], metric, cname) for r in have])
-            row["s_per_step"] = mean_std([r.timing["wall_seconds"] / r.timing["steps"] for r in have
-                                          if r.timing.get("steps")])
+            row["s_per_step"] = mean_std([v for r in have if (v := seconds_per_step(r.timing)) is not None])
             row["peak_mib"] = mean_std([r.timing.get("peak_memory_mib") for r in have])
             row["infer_s_per_case"] = mean_std(
                 [r.summaries[which]["protocol"].get("inference_seconds_per_case") for r in have])

@@ -52,13 +52,16 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     if (bench_dir / "bench.yaml").is_file():  # a grid, perhaps unfinished: say how much of it
         spec, base = load_bench(bench_dir / "bench.yaml")
         finished = f"{runs} of {len(grid_cells(spec, base, bench_dir))} cells finished"
-    train_hours = sum(r.timing.get("wall_seconds") or 0 for r in
-                      {r.run_dir: r for r in results}.values()) / 3600
+    timings = [r.timing for r in {r.run_dir: r for r in results}.values()]
+    train_hours = sum(t.get("wall_seconds") or 0 for t in timings) / 3600
+    untimed = sum(1 for t in timings if t.get("timed_steps"))
     return [
         f"- bench: `{bench_dir.name}` ({finished}"
         + (f", {extra} extra evaluation{'s' * (extra > 1)} of their last checkpoints)" if extra else ")"),
         (f"- training wall time: {train_hours:.2f} h, the sum over the runs (validation included, "
-         "final evaluation not)"),
+         "final evaluation not)"
+         + (f"; {untimed} run{'s' * (untimed > 1)} resumed from checkpoints that kept no time count only "
+            "their last piece (s/step from the steps it covers)" if untimed else "")),
         f"- dataset: {values('dataset')}",
         f"- split: {values('split')} ({values('cases')} cases)",
         f"- labeled: {values('labeled')}",
@@ -73,7 +76,7 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
         (f"- machine: {values('machine')}; python {platform.python_version()}, torch {torch.__version__}, "
          f"monai {monai.__version__}, lightning {lightning.__version__}, semidiff {values('semidiff')}"),
         f"- dates: {_date_range(protos)}",
-        ("- cost: s/step = training wall time / steps (validation included); peak memory = peak RSS "
+        ("- cost: s/step = training wall time / the steps it covers (validation included); peak memory = peak RSS "
          "(CPU) or peak CUDA allocation; inference s/case over the validation split"),
     ]
 
