@@ -28,7 +28,7 @@ from semidiff.bench.cell import train_cell
 from semidiff.bench.records import save_record, sync_records
 from semidiff.bench.spec import BenchSpec, Cell, cell_done, grid_cells, load_bench
 from semidiff.report.build import write_report
-from semidiff.report.collect import read_json
+from semidiff.report.collect import read_json, seconds_per_step
 
 #: The cell trainings this process is waiting on, and whether it was asked to stop: ``kill BENCH_PID``
 #: (SIGTERM) must stop the training it started too. A cell left running after its bench died kept a
@@ -123,9 +123,9 @@ def finished_seconds(cells: list[Cell], runs: Path) -> dict[str, list[float]]:
     for cell in cells:
         timing = read_json(runs / cell.name / "timing.json") or {}
         if cell_done(runs / cell.name) and (wall := timing.get("wall_seconds")):
-            if timing.get("timed_steps") and timing.get("steps"):  # only the last piece was timed
-                wall = wall * timing["steps"] / timing["timed_steps"]
-            seconds.setdefault(cell.method, []).append(float(wall))
+            # every step, also those of a resumed run's pieces that kept no time (timed_steps)
+            per_step = seconds_per_step(timing)
+            seconds.setdefault(cell.method, []).append(float(per_step * timing["steps"] if per_step else wall))
     return seconds
 
 

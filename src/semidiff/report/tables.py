@@ -54,14 +54,14 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
         finished = f"{runs} of {len(grid_cells(spec, base, bench_dir))} cells finished"
     timings = [r.timing for r in {r.run_dir: r for r in results}.values()]
     train_hours = sum(t.get("wall_seconds") or 0 for t in timings) / 3600
-    untimed = sum(1 for t in timings if t.get("timed_steps"))
+    partly_timed = sum(1 for t in timings if t.get("timed_steps"))
     return [
         f"- bench: `{bench_dir.name}` ({finished}"
         + (f", {extra} extra evaluation{'s' * (extra > 1)} of their last checkpoints)" if extra else ")"),
         (f"- training wall time: {train_hours:.2f} h, the sum over the runs (validation included, "
          "final evaluation not)"
-         + (f"; {untimed} run{'s' * (untimed > 1)} resumed from checkpoints that kept no time count only "
-            "their last piece (s/step from the steps it covers)" if untimed else "")),
+         + (f"; {partly_timed} run{'s' * (partly_timed > 1)} resumed from checkpoints that kept no time count only "
+            "their last piece (s/step from the steps it covers)" if partly_timed else "")),
         f"- dataset: {values('dataset')}",
         f"- split: {values('split')} ({values('cases')} cases)",
         f"- labeled: {values('labeled')}",
