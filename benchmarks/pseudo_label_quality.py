@@ -18,7 +18,7 @@ networks run in eval mode (BatchNorm running statistics), on the unaugmented sli
 training patch, so this is a diagnostic of the checkpoint, not of one training step.
 
 Usage (from the repository root, SEMIDIFF_REALDATA set):
-    python benchmarks/pseudo_label_quality.py RUN [RUN ...] [--every 2] [--threshold 0.95]
+    python benchmarks/pseudo_label_quality.py RUN [RUN ...] [--every 2] [--threshold 0.95] [--steps 1 3]
 """
 
 from __future__ import annotations
@@ -34,13 +34,16 @@ from semidiff.engine.module import load_module
 from semidiff.evaluation.metrics import pooled_class_dice
 
 
-def pseudo_probs(method, name: str, x: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Class probabilities of the model a method takes its pseudo-labels from."""
+def pseudo_probs(method, name: str, x: torch.Tensor, batch: int = 32, steps: int | None = None) -> torch.Tensor:
+    """Class probabilities of the model a method takes its pseudo-labels from.
+
+    ``steps``: ProtoDiff's DDIM steps; None uses the run's (``pseudo_label_steps``, else ``sampling_steps``).
+    """
     out = []
     generator = torch.Generator().manual_seed(0)
     for xb in x.split(batch):
         if name == "protodiff":
-            steps = method.options.pseudo_label_steps or method.options.sampling_steps
+            steps = steps or method.options.pseudo_label_steps or method.options.sampling_steps
             out.append(method.sample(method.teacher, xb, steps, generator)[0])
         else:
             out.append(method.predict(xb))
@@ -112,13 +115,16 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, nargs="+", default=None,
                     help="confidence thresholds, one row each (default: the run's "
                          "method.options.confidence_threshold, else 0.95)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[None],
+                    help="ProtoDiff: the teacher's DDIM steps, one block of rows each (default: the run's "
+                         "pseudo_label_steps, else sampling_steps); ignored for other methods")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print("| run | method | labeled | unlabeled slices | pseudo-label Dice | per class | confident share "
+    print("| run | method | labeled | DDIM steps | unlabeled slices | pseudo-label Dice | per class | confident share "
           "| accuracy confident / other | wrong pixels that are confident | foreground covered "
           "| left-out pixels near an edge (all pixels) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         path = Path(run)
         ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
@@ -133,19 +139,27 @@ def main() -> None:
         try:
             x, y, n_cases = unlabeled_slices(cfg, args.every)
         except ValueError as exc:
-            print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} | {exc} |")
+            print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} | - | {exc} |")
             continue
-        with torch.no_grad():
-            probs = pseudo_probs(method, cfg.method.name, x)
-        for threshold in thresholds:
-            q = quality(probs, y, threshold, cfg.model.num_classes)
-            per_class = ", ".join(f"{q[f'dice_{c}']:.3f}" for c in range(1, cfg.model.num_classes))
-            print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} "
-                  f"| {len(x)} ({n_cases} cases) | {q['dice']:.3f} | {per_class} | {q['confident_share']:.3f} "
-                  f"(>= {threshold}) | {q['confident_accuracy']:.4f} / {q['other_accuracy']:.3f} "
-                  f"| {q['wrong_confident_share']:.2f} of {q['wrong_share']:.4f} | {q['foreground_covered']:.3f} "
-                  f"| {q['left_out_near_edge']:.2f} ({q['near_edge_share']:.2f}) |",
-                  flush=True)
+        is_diffusion = cfg.method.name == "protodiff"
+        for steps in args.steps if is_diffusion else [None]:
+            with torch.no_grad():
+                probs = pseudo_probs(method, cfg.method.name, x, steps=steps)
+            if is_diffusion:
+                steps = steps or method.options.pseudo_label_steps or method.options.sampling_steps
+            for threshold in thresholds:
+                report(name, cfg, steps, len(x), n_cases, threshold, quality(probs, y, threshold, cfg.model.num_classes))
+
+
+def report(name: str, cfg, steps: int | None, n_slices: int, n_cases: int, threshold: float, q: dict) -> None:
+    """One table row."""
+    per_class = ", ".join(f"{q[f'dice_{c}']:.3f}" for c in range(1, cfg.model.num_classes))
+    print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} | {steps or '-'} "
+          f"| {n_slices} ({n_cases} cases) | {q['dice']:.3f} | {per_class} | {q['confident_share']:.3f} "
+          f"(>= {threshold}) | {q['confident_accuracy']:.4f} / {q['other_accuracy']:.3f} "
+          f"| {q['wrong_confident_share']:.2f} of {q['wrong_share']:.4f} | {q['foreground_covered']:.3f} "
+          f"| {q['left_out_near_edge']:.2f} ({q['near_edge_share']:.2f}) |",
+          flush=True)
 
 
 if __name__ == "__main__":

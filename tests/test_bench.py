@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -763,3 +764,32 @@ def test_pseudo_label_quality_separates_taught_from_left_out_errors():
     assert edge[0].tolist() == [[False, True, True, False], [True, True, True, False],
                                 [True, True, True, False], [False, False, False, False]]
     assert q["left_out_near_edge"] == pytest.approx(1.0)  # both left-out pixels are within 2 of the edge
+
+
+def test_pseudo_label_quality_samples_with_the_asked_ddim_steps():
+    """benchmarks/pseudo_label_quality.py --steps: ProtoDiff's teacher samples with the steps asked for,
+    and with the run's pseudo_label_steps (else sampling_steps) when none is asked."""
+    spec = importlib.util.spec_from_file_location(
+        "pseudo_label_quality", Path(__file__).parents[1] / "benchmarks" / "pseudo_label_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    used = []
+
+    class Teacher:
+        options = SimpleNamespace(pseudo_label_steps=None, sampling_steps=3)
+        teacher = None
+
+        def sample(self, net, x, steps, generator):
+            used.append(steps)
+            return torch.softmax(torch.zeros(len(x), 2, *x.shape[2:]), dim=1), None
+
+    x = torch.zeros(5, 1, 4, 4)
+    assert module.pseudo_probs(Teacher(), "protodiff", x, batch=2, steps=1).shape == (5, 2, 4, 4)
+    assert used == [1, 1, 1]
+    used.clear()
+    module.pseudo_probs(Teacher(), "protodiff", x, batch=8)
+    assert used == [3]
+    Teacher.options.pseudo_label_steps = 2
+    used.clear()
+    module.pseudo_probs(Teacher(), "protodiff", x, batch=8)
+    assert used == [2]
