@@ -37,13 +37,14 @@ from semidiff.evaluation.metrics import pooled_class_dice
 def pseudo_probs(method, name: str, x: torch.Tensor, batch: int = 32, steps: int | None = None) -> torch.Tensor:
     """Class probabilities of the model a method takes its pseudo-labels from.
 
-    ``steps``: ProtoDiff's DDIM steps; None uses the run's (``pseudo_label_steps``, else ``sampling_steps``).
+    ``steps``: ProtoDiff's DDIM steps; None uses the run's (``teacher_steps``, as training does).
     """
     out = []
     generator = torch.Generator().manual_seed(0)
+    if name == "protodiff":
+        steps = steps or method.options.teacher_steps
     for xb in x.split(batch):
         if name == "protodiff":
-            steps = steps or method.options.pseudo_label_steps or method.options.sampling_steps
             out.append(method.sample(method.teacher, xb, steps, generator)[0])
         else:
             out.append(method.predict(xb))
@@ -142,11 +143,9 @@ def main() -> None:
             print(f"| {name} | {cfg.method.name} | {cfg.data.labeled:g} | - | {exc} |")
             continue
         is_diffusion = cfg.method.name == "protodiff"
-        for steps in args.steps if is_diffusion else [None]:
+        for steps in [s or method.options.teacher_steps for s in args.steps] if is_diffusion else [None]:
             with torch.no_grad():
                 probs = pseudo_probs(method, cfg.method.name, x, steps=steps)
-            if is_diffusion:
-                steps = steps or method.options.pseudo_label_steps or method.options.sampling_steps
             for threshold in thresholds:
                 report(name, cfg, steps, len(x), n_cases, threshold, quality(probs, y, threshold, cfg.model.num_classes))
 

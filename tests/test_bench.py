@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from semidiff.bench.spec import Cell, cell_done, grid_cells, load_bench
 from semidiff.cli import main
 from semidiff.data.synthetic import make_synthetic_dataset
 from semidiff.errors import ConfigError
+from semidiff.methods.protodiff import ProtoDiffOptions
 from semidiff.report.build import write_report
 from semidiff.report.collect import (
     aggregate,
@@ -776,7 +776,7 @@ def test_pseudo_label_quality_samples_with_the_asked_ddim_steps():
     used = []
 
     class Teacher:
-        options = SimpleNamespace(pseudo_label_steps=None, sampling_steps=3)
+        options = ProtoDiffOptions(pseudo_label_steps=None, sampling_steps=3)
         teacher = None
 
         def sample(self, net, x, steps, generator):
@@ -789,7 +789,7 @@ def test_pseudo_label_quality_samples_with_the_asked_ddim_steps():
     used.clear()
     module.pseudo_probs(Teacher(), "protodiff", x, batch=8)
     assert used == [3]
-    Teacher.options.pseudo_label_steps = 2
+    Teacher.options = ProtoDiffOptions(pseudo_label_steps=2, sampling_steps=3)
     used.clear()
     module.pseudo_probs(Teacher(), "protodiff", x, batch=8)
     assert used == [2]

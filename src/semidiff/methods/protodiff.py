@@ -160,6 +160,11 @@ class ProtoDiffOptions(TeacherOptions, RampOptions, StrongViewOptions):
         return steps_from(self.warmup, max_steps)
 
     @property
+    def teacher_steps(self) -> int:
+        """DDIM steps of the teacher's pseudo-labels: ``pseudo_label_steps``, else ``sampling_steps``."""
+        return self.pseudo_label_steps or self.sampling_steps
+
+    @property
     def uses_infonce(self) -> bool:
         return self.prototype_loss in ("both", "infonce")
 
@@ -321,8 +326,7 @@ class ProtoDiff(Method):
         teacher_sees_labeled = o.prototype_loss != "none" or o.student_forward == "joint"
         n_t = n_l if teacher_sees_labeled else 0
         with torch.no_grad(), record_function(profiling.TEACHER):
-            steps = o.pseudo_label_steps or o.sampling_steps
-            probs_t, hidden_t = self._passes(lambda x: self.sample(self.teacher, x, steps), n_t,
+            probs_t, hidden_t = self._passes(lambda x: self.sample(self.teacher, x, o.teacher_steps), n_t,
                                              torch.cat([x_l, x_u]) if teacher_sees_labeled else x_u)
             conf_u, plab_u = probs_t[n_t:].max(dim=1, keepdim=True)
             plab_u = self.corrupt_pseudo(plab_u)  # noise benchmark (identity unless noise.target: pseudo)
