@@ -39,16 +39,13 @@ def pseudo_probs(method, name: str, x: torch.Tensor, batch: int = 32, steps: int
 
     ``steps``: ProtoDiff's DDIM steps; None uses the run's (``teacher_steps``, as training does).
     """
-    out = []
-    generator = torch.Generator().manual_seed(0)
     if name == "protodiff":
-        steps = steps or method.options.teacher_steps
-    for xb in x.split(batch):
-        if name == "protodiff":
-            out.append(method.sample(method.teacher, xb, steps, generator)[0])
-        else:
-            out.append(method.predict(xb))
-    return torch.cat(out).float()
+        generator = torch.Generator().manual_seed(0)
+        teacher_steps = steps or method.options.teacher_steps
+        run = lambda xb: method.sample(method.teacher, xb, teacher_steps, generator)[0]
+    else:
+        run = method.predict
+    return torch.cat([run(xb) for xb in x.split(batch)]).float()
 
 
 def quality(probs: torch.Tensor, truth: torch.Tensor, threshold: float, num_classes: int) -> dict[str, float]:
