@@ -2,7 +2,8 @@
 # Before/after seconds per step of every method's ACDC reduced config, side by side on one machine:
 # for each method, alternately `benchmarks/step_time.py` of an older checkout (BEFORE, e.g. a
 # `git worktree add ../base 2b81749`) and of this one, REPS times (A B A B), THREADS torch threads
-# pinned to the first THREADS cores. Prints one line per measurement.
+# pinned to the first THREADS cores. Prints one line per measurement. ALSO="key=value ..." adds a
+# third measurement per method: this checkout with those overrides (e.g. a memory format).
 #   bash benchmarks/step_time_ab.sh ../base [REPS=2] [THREADS=2]
 set -u
 before=$(cd "$1" && pwd); reps=${2:-2}; threads=${3:-2}
@@ -19,6 +20,12 @@ steps() { # checkout config overrides...: prints "precision s/step"
 for rep in $(seq "$reps"); do
   for m in supervised mean_teacher ua_mt cps bcp diffcl protodiff; do
     read -ra extra <<< "$(steady_step_overrides "$m")"
-    echo "$rep $m before $(steps "$before" "configs/acdc/${m}_reduced.yaml" "${extra[@]}") after $(steps "$here" "configs/acdc/${m}_reduced.yaml" "${extra[@]}")"
+    line="$rep $m before $(steps "$before" "configs/acdc/${m}_reduced.yaml" "${extra[@]}")"
+    line+=" after $(steps "$here" "configs/acdc/${m}_reduced.yaml" "${extra[@]}")"
+    if [ -n "${ALSO:-}" ]; then
+      read -ra also <<< "$ALSO"
+      line+=" also $(steps "$here" "configs/acdc/${m}_reduced.yaml" "${extra[@]}" "${also[@]}")"
+    fi
+    echo "$line"
   done
 done
