@@ -793,3 +793,26 @@ def test_pseudo_label_quality_samples_with_the_asked_ddim_steps():
     used.clear()
     module.pseudo_probs(Teacher(), "protodiff", x, batch=8)
     assert used == [2]
+
+
+def test_gap_closed_shares_the_baselines_gap_to_all_labels_per_group_and_seed():
+    spec = importlib.util.spec_from_file_location("gap", Path(__file__).parents[1] / "benchmarks" / "gap_closed.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+
+    def cells(ed: float, es: float) -> dict[str, float]:
+        return {"p1_frame01/RV": ed, "p1_frame01/LV": ed, "p1_frame02/RV": es, "p1_frame02/LV": es}
+
+    dice = {("all", 1.0, 0): cells(0.90, 0.80), ("sup", 7, 0): cells(0.80, 0.60), ("m", 7, 0): cells(0.85, 0.70),
+            ("all", 1.0, 1): cells(0.90, 0.80), ("sup", 7, 1): cells(0.70, 0.60), ("m", 7, 1): cells(0.70, 0.80),
+            ("m", 7, 2): cells(0.99, 0.99)}  # seed 2: no baseline and no ceiling, so no row
+    rows = gap.gap_rows(dice, "m", baseline="sup", ceiling="all", groups=[("ED", "frame01"), ("ES", "frame02$|frame02/")])
+    # seed 0: all 0.85 / 0.70 / 0.775 -> gap +15.0, gained +7.5, 50%; ED gap 10, gained 5; ES gap 20, gained 10
+    assert "| 7 | all | 0 | 0.850 | 0.700 | 0.775 | +15.0 | +7.5 | 50% |" in rows
+    assert "| 7 | ED | 0 | 0.900 | 0.800 | 0.850 | +10.0 | +5.0 | 50% |" in rows
+    # seed 1: ED gains nothing of a 20-point gap, ES closes all of its 20
+    assert "| 7 | ED | 1 | 0.900 | 0.700 | 0.700 | +20.0 | +0.0 | 0% |" in rows
+    assert "| 7 | ES | 1 | 0.800 | 0.600 | 0.800 | +20.0 | +20.0 | 100% |" in rows
+    assert "| 7 | ED | mean of 2 | | | | | | 25% |" in rows
+    assert not any(r.startswith("| 7 | all | 2 |") for r in rows)
+    assert len(rows) == 2 + 3 * 3  # header, rule; per group: two seeds and their mean
