@@ -38,12 +38,9 @@ def test_auto_precision_follows_the_cpu(monkeypatch, native):
         assert hardware.resolve_precision(explicit, "cpu") == explicit
 
 
-def test_memory_format_auto_is_channels_last_for_2d_in_mixed_precision_or_on_cpu():
+def test_memory_format_auto_is_channels_last_for_2d_mixed_precision_only():
     assert hardware.resolve_memory_format("auto", 2, "bf16-mixed") is torch.channels_last
-    assert hardware.resolve_memory_format("auto", 2, "32", "cpu") is torch.channels_last
-    assert hardware.resolve_memory_format("auto", 2, "32", "gpu") is None
-    assert hardware.resolve_memory_format("auto", 2, "32", "mps") is None
-    assert hardware.resolve_memory_format("auto", 3, "32", "cpu") is None
+    assert hardware.resolve_memory_format("auto", 2, "32") is None
     assert hardware.resolve_memory_format("auto", 3, "bf16-mixed") is None
     assert hardware.resolve_memory_format("channels_last", 3, "32") is torch.channels_last_3d
     assert hardware.resolve_memory_format("contiguous", 2, "bf16-mixed") is None

@@ -117,7 +117,7 @@ class TrainConfig(_Section):
         "else 32 (semidiff/hardware.py); the reduced configs use it",
     )
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
-        default="auto", description="auto: channels-last for 2D networks in mixed precision and on CPUs, where it is faster")
+        default="auto", description="auto: channels-last for 2D networks in mixed precision, where it is faster")
     compile: bool = Field(default=False, description="torch.compile each network (slower on CPU: see step_times.md)")
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: int | str = 1

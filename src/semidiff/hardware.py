@@ -62,21 +62,20 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_native_bf16() else "32"
 
 
-def resolve_memory_format(memory_format: str, spatial_dims: int, precision: str,
-                          accelerator: str = "auto") -> torch.memory_format | None:
+def resolve_memory_format(memory_format: str, spatial_dims: int, precision: str) -> torch.memory_format | None:
     """The memory format networks and batches are put in, or None to leave them contiguous.
 
-    ``auto``: channels-last for 2D networks in mixed precision, and on a CPU in fp32 too (measured
-    faster or equal: benchmarks/results/step_times.md); contiguous otherwise (3D channels-last was
-    not measured faster on CPU, fp32 channels-last not measured on a GPU).
+    ``auto``: channels-last for 2D networks in mixed precision (where it was measured faster);
+    contiguous otherwise. On a CPU in fp32 channels-last was measured up to 1.3x faster for
+    one-network methods (step_times.md, session 37), but its fp32 results then change with the
+    thread count (a run alone against two side by side), so ``auto`` leaves fp32 contiguous;
+    ``channels_last`` takes it. 3D channels-last was not measured faster on CPU.
     """
     if memory_format == "contiguous":
         return None
     if memory_format == "channels_last":
         return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-    if spatial_dims != 2:
-        return None
-    return torch.channels_last if precision != "32" or not (_uses_cuda(accelerator) or accelerator == "mps") else None
+    return torch.channels_last if spatial_dims == 2 and precision != "32" else None
 
 
 def available_cores() -> int:

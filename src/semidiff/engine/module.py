@@ -87,7 +87,7 @@ class SemidiffModule(L.LightningModule):
         # config and checkpoints stay the same on every machine.
         t = self.cfg.train
         precision = resolve_precision(t.precision, t.accelerator)
-        self.memory_format = resolve_memory_format(t.memory_format, self.cfg.spatial_dims, precision, t.accelerator)
+        self.memory_format = resolve_memory_format(t.memory_format, self.cfg.spatial_dims, precision)
         if self.memory_format is not None:
             self.method.to(memory_format=self.memory_format)
         if t.compile:
