@@ -109,6 +109,9 @@ def test_bench_killed_mid_grid_finishes_without_redoing_cells_and_table_matches_
     assert "(8 of 8 cells finished)" in text
     hours = sum(json.loads((runs / c / "timing.json").read_text())["wall_seconds"] for c in cells) / 3600
     assert f"training wall time: {hours:.2f} h" in text
+    timing0 = json.loads((runs / cells[0] / "timing.json").read_text())
+    assert (f"training precision, memory format: {timing0['precision']}, {timing0['memory_format']} (8 runs)"
+            in text)
     for fig in ("dice_vs_labeled.png", "per_class.png", "curves.png", "qualitative.png"):
         assert (bench_dir / fig).stat().st_size > 5000, fig
 
@@ -816,3 +819,21 @@ def test_gap_closed_shares_the_baselines_gap_to_all_labels_per_group_and_seed():
     assert "| 7 | ED | mean of 2 | | | | | | 25% |" in rows
     assert not any(r.startswith("| 7 | all | 2 |") for r in rows)
     assert len(rows) == 2 + 3 * 3  # header, rule; per group: two seeds and their mean
+
+
+def test_protocol_header_names_the_runs_trained_at_another_precision(tmp_path):
+    # A grid whose cells trained on different machines (precision auto): the minority is named.
+    from types import SimpleNamespace
+
+    from semidiff.report.tables import _precision_line
+
+    def run(name, timing):
+        return SimpleNamespace(run_dir=tmp_path / name, timing=timing)
+
+    bf16 = {"precision": "bf16-mixed", "memory_format": "channels_last"}
+    results = [run("a_l3_s0", bf16), run("a_l3_s0", bf16),  # an extra evaluation of the same run
+               run("a_l3_s1", bf16), run("b_l3_s0", {"precision": "32", "memory_format": "contiguous"}),
+               run("old_l3_s0", {})]
+    line = _precision_line(results)
+    assert line == ("- training precision, memory format: bf16-mixed, channels_last (2 runs) / "
+                    "32, contiguous (1 run: b_l3_s0) / not recorded (1 run: old_l3_s0)")

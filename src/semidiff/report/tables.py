@@ -35,6 +35,23 @@ def _date_range(protos: list[dict]) -> str:
     return f"{dates[0]} to {dates[-1]} ({len(dates)} evaluations)"
 
 
+def _precision_line(results: list[CellResult]) -> str:
+    """Each run's training precision and memory format (from its timing.json), counted; the runs
+    outside the most common setting are named, so a row that mixes settings shows which run is which
+    (cells of one grid may train on machines where ``precision: auto`` resolves differently)."""
+    groups: dict[str, list[str]] = {}
+    for r in {r.run_dir: r for r in results}.values():
+        prec = r.timing.get("precision")
+        key = f"{prec}, {r.timing.get('memory_format', 'contiguous')}" if prec else "not recorded"
+        groups.setdefault(key, []).append(r.run_dir.name)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    parts = []
+    for i, (key, names) in enumerate(ordered):
+        part = f"{key} ({len(names)} run{'s' * (len(names) > 1)}"
+        parts.append(part + (f": {', '.join(sorted(names))})" if i > 0 else ")"))
+    return "- training precision, memory format: " + (" / ".join(parts) or "n/a")
+
+
 def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
     """The header every table carries: what was measured, how, where and with what software."""
     import lightning
@@ -62,6 +79,7 @@ def protocol_lines(results: list[CellResult], bench_dir: Path) -> list[str]:
          "final evaluation not)"
          + (f"; {partly_timed} run{'s' * (partly_timed > 1)} resumed from checkpoints that kept no time count only "
             "their last piece (s/step from the steps it covers)" if partly_timed else "")),
+        _precision_line(results),
         f"- dataset: {values('dataset')}",
         f"- split: {values('split')} ({values('cases')} cases)",
         f"- labeled: {values('labeled')}",
